@@ -1,0 +1,44 @@
+"""nnpatch: causal interventions on PyTorch and Hugging Face models.
+
+    >>> import nnpatch
+    >>> model = nnpatch.models.load("ioi")                      # a bundled demo model
+    >>> with model.trace("When Mary and John went to the store, John gave a drink to"):
+    ...     hidden = model.transformer.h[1].output[0].save()
+"""
+import importlib
+
+from .errors import NNPatchError
+from .model import LanguageModel, Model
+
+__all__ = [
+    "Model", "LanguageModel", "NNPatchError",
+    "sites", "register_sites", "activation_patching", "attribution_patching", "PatchingResult",
+    "Workbench", "models", "tasks",
+]
+
+# Everything beyond the engine loads on first use, so `import nnpatch` stays light and the
+# engine never pulls in plotly or widget libraries.
+_LAZY = {
+    "sites": ("nnpatch.sites", "sites"),
+    "register_sites": ("nnpatch.sites", "register_sites"),
+    "activation_patching": ("nnpatch.sweep", "activation_patching"),
+    "attribution_patching": ("nnpatch.sweep", "attribution_patching"),
+    "PatchingResult": ("nnpatch.result", "PatchingResult"),
+    "Workbench": ("nnpatch.workbench", "Workbench"),
+    "models": ("nnpatch.models", None),
+    "tasks": ("nnpatch.tasks", None),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'nnpatch' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attr is None else getattr(module, attr)
+
+
+def load_ipython_extension(ipython):
+    """`%load_ext nnpatch` registers the %%trace, %%patch and %patch_sweep magics."""
+    from .magics import load_ipython_extension as load
+    load(ipython)

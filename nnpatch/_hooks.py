@@ -1,0 +1,57 @@
+"""Registering PyTorch hooks by module path, so that none can leak.
+
+Every path is resolved before any hook is registered, and every handle is removed in a `finally`,
+in reverse order: a typo in the third name, an error in a hook or a KeyboardInterrupt leaves the
+model exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import NNPatchError
+
+# kind: "input" registers a forward pre-hook fn(module, args, kwargs) -> None | (args, kwargs);
+#       "output" registers a forward hook fn(module, args, kwargs, output) -> None | output.
+HookSpec = tuple[str, str, Callable]
+
+
+def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a `named_modules()` path, or an error that lists the closest paths."""
+    if path == "":
+        return root
+    module = root
+    for part in path.split("."):
+        children = dict(module.named_children())
+        if part not in children:
+            names = [n for n, _ in root.named_modules() if n]
+            close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise NNPatchError(f"the model has no module {path!r}{hint}")
+        module = children[part]
+    return module
+
+
+@contextlib.contextmanager
+def hooks(root: torch.nn.Module, specs: Iterable[HookSpec]):
+    """Attach hooks for the duration of a with-block; nothing stays attached afterwards."""
+    resolved = [(resolve(root, path), kind, fn) for path, kind, fn in specs]
+    handles = []
+    try:
+        for module, kind, fn in resolved:
+            handles.append(attach(module, kind, fn))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def attach(module: torch.nn.Module, kind: str, fn: Callable):
+    if kind == "input":
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+    if kind == "output":
+        return module.register_forward_hook(fn, with_kwargs=True)
+    raise ValueError(f"hook kind must be 'input' or 'output', got {kind!r}")
