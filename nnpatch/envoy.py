@@ -1,4 +1,138 @@
-"""Placeholder replaced by the engine."""
+"""Envoys: a mirror of the module tree whose `.output`, `.input` and `.inputs` are live values.
+
+`model.transformer.h[3].mlp` is the envoy of the module at path `transformer.h.3.mlp`. Inside an
+invoke, reading `.output` returns that invoke's rows of the value the module computed (waiting
+for the forward pass to get there); assigning it, or editing it in place, changes what the model
+computes downstream.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from .errors import NNPatchError
+
+_OWN = ("output", "input", "inputs")
+
+
 class Envoy:
-    def __init__(self, module, path, root):
+    def __init__(self, module: torch.nn.Module, path: str, root):
         object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_children", {})
+
+    # -- walking the tree ------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        children = object.__getattribute__(self, "_children")
+        if name in children:
+            return children[name]
+        module = object.__getattribute__(self, "_module")
+        sub = module._modules.get(name) if hasattr(module, "_modules") else None
+        if sub is not None:
+            return self._child(name, sub)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            pass
+        names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]
+        close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+        where = self._path or "the model"
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; it has: {', '.join(names[:12])}"
+        raise AttributeError(f"{where} ({type(module).__name__}) has no module or attribute {name!r}{hint}")
+
+    def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
+        path = f"{self._path}.{name}" if self._path else name
+        envoy = Envoy(module, path, self._root)
+        self._children[name] = envoy
+        return envoy
+
+    def __getitem__(self, key):
+        module = self._module
+        if isinstance(key, int):
+            n = len(module)
+            index = key + n if key < 0 else key
+            if not 0 <= index < n:
+                raise IndexError(f"{self._path or 'model'} has {n} modules; index {key} is out of range")
+            key = str(index)
+        if key in self._children:
+            return self._children[key]
+        sub = module._modules.get(str(key))
+        if sub is None:
+            raise KeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
+        return self._child(str(key), sub)
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __iter__(self):
+        for name in self._module._modules:
+            yield self[name]
+
+    def _resolve(self, path: str) -> torch.nn.Module:
+        from ._hooks import resolve
+        return resolve(self._module, path)
+
+    # -- live values -----------------------------------------------------------------------------
+    @property
+    def output(self):
+        """What this module returned, for the current invoke."""
+        return self._invoke().value((self._path, "output"))
+
+    @property
+    def inputs(self):
+        """(args, kwargs) this module was called with, for the current invoke."""
+        return self._invoke().value((self._path, "input"))
+
+    @property
+    def input(self):
+        """The first positional argument (or first keyword argument) of this module's call."""
+        args, kwargs = self.inputs
+        if args:
+            return args[0]
+        if kwargs:
+            return next(iter(kwargs.values()))
+        raise NNPatchError(f"{self._path or 'model'} was called without arguments; it has no .input")
+
+    def __setattr__(self, name, value):
+        inv = self._invoke() if name in _OWN else None
+        if name == "output":
+            inv.set_value((self._path, "output"), value)
+        elif name == "input":
+            args, kwargs = self.inputs
+            current = args[0] if args else next(iter(kwargs.values()))
+            if current is not value:
+                inv.set_value((self._path, "input"), _replace_first(args, kwargs, value))
+        elif name == "inputs":
+            inv.set_value((self._path, "input"), value)
+        else:
+            raise AttributeError(
+                f"cannot set {name!r} on {self._path or 'the model'}: only .output, .input and "
+                ".inputs can be set (to change the module itself, use its torch.nn.Module)")
+
+    def _invoke(self):
+        from .tracing import current_invoke
+        inv = current_invoke()
+        if inv is None:
+            where = self._path or "model"
+            raise NNPatchError(
+                f"{where}.output / .input exist only inside an invoke of a trace: write "
+                f"`with model.trace(prompt):` or `with tracer.invoke(prompt):` around the code "
+                "that reads them")
+        return inv
+
+    def __repr__(self) -> str:
+        return f"<Envoy {self._path or 'model'}: {type(self._module).__name__}>"
+
+    def __dir__(self):
+        return list(_OWN) + list(self._module._modules) + list(super().__dir__())
+
+
+def _replace_first(args: tuple, kwargs: dict, value):
+    if args:
+        return (value, *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: value}

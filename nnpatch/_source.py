@@ -1,0 +1,307 @@
+"""Taking over the body of a `with model.trace(...)` block from its source.
+
+A trace body is not executed by Python as written. When the trace is entered we find the
+with-statement in the caller's source, stop Python from running its body, and compile it
+ourselves:
+
+* each `with tracer.invoke(...):` block becomes its own code object, run later as a coroutine
+  that meets the model's forward pass at the modules it reads;
+* `x.save()` becomes `__nnpatch_save__(x)`, so that `.save()` works on any value (floats, dicts);
+* `x.backward(...)`, `x.grad` and `x.grad = g` become calls into the gradient machinery;
+* before each trace-level statement that reads a name an invoke assigns, the pending invokes are
+  run (one batched forward pass), so such statements see the invokes' results.
+
+Line numbers and file names are kept, so errors point at the user's own lines.
+"""
+from __future__ import annotations
+
+import ast
+import linecache
+import sys
+import types
+from dataclasses import dataclass, field
+
+from .errors import NNPatchError
+
+TRACER = "__nnpatch_tracer__"
+SAVE = "__nnpatch_save__"
+BACKWARD = "__nnpatch_backward__"
+GET_GRAD = "__nnpatch_grad__"
+SET_GRAD = "__nnpatch_set_grad__"
+
+
+@dataclass
+class InvokeBody:
+    code: types.CodeType
+    stores: frozenset[str]  # names the body assigns at its own scope
+
+
+@dataclass
+class TraceProgram:
+    code: types.CodeType  # the trace body, invoke blocks replaced by registrations
+    invokes: list[InvokeBody] = field(default_factory=list)
+    uses_grad: bool = False
+
+
+class _Skip(Exception):
+    """Raised on the first line of a trace body so that Python does not run it natively."""
+
+
+# -- stopping Python from running the with-body -----------------------------------------------
+
+def skip_body(frame: types.FrameType):
+    """Arrange for the next line event in `frame` to raise _Skip. Returns the previous tracer."""
+    previous = sys.gettrace()
+
+    def raise_skip(*_):
+        raise _Skip
+
+    sys.settrace(lambda *_: None)
+    frame.f_trace = raise_skip
+    return previous
+
+
+def restore_tracing(frame: types.FrameType, previous) -> None:
+    frame.f_trace = None
+    sys.settrace(previous)
+
+
+# -- finding the body -------------------------------------------------------------------------
+
+_PARSED: dict[tuple[str, int], ast.Module] = {}
+_PROGRAMS: dict[tuple, TraceProgram] = {}
+
+
+def source_of(frame: types.FrameType) -> tuple[str, str]:
+    filename = frame.f_code.co_filename
+    lines = linecache.getlines(filename, frame.f_globals)
+    if not lines:
+        raise NNPatchError(
+            f"nnpatch reads a trace's body from its source, and {filename!r} has none (code run "
+            "with exec() of a string, or typed into a bare interpreter). Write the trace in a "
+            "file or a notebook cell, or compile the string with nnpatch.tracing.compile_source("
+            "source, filename) before exec().")
+    return filename, "".join(lines)
+
+
+def compile_source(source: str, filename: str = "<nnpatch>", mode: str = "exec") -> types.CodeType:
+    """Compile a string whose traces nnpatch can read: registers the source in linecache.
+
+    Example:
+        >>> code = compile_source("x = 1\\n", "<cell-1>")
+        >>> exec(code, {})
+    """
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return compile(source, filename, mode)
+
+
+def trace_program(frame: types.FrameType, implicit_invoke: bool) -> TraceProgram:
+    """The compiled program of the trace whose `with` statement `frame` is executing."""
+    filename, source = source_of(frame)
+    lineno = frame.f_lineno
+    key = (filename, hash(source), lineno, implicit_invoke)
+    program = _PROGRAMS.get(key)
+    if program is None:
+        tree = _PARSED.get((filename, hash(source)))
+        if tree is None:
+            tree = _PARSED[(filename, hash(source))] = ast.parse(source, filename)
+        node = _find_with(tree, lineno, filename)
+        program = _PROGRAMS[key] = _compile_trace(node, filename, implicit_invoke)
+    return program
+
+
+def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
+    best = None
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.With, ast.AsyncWith)):
+            continue
+        for item in node.items:
+            expr = item.context_expr
+            if expr.lineno <= lineno <= (expr.end_lineno or expr.lineno) and _is_call_to(expr, "trace"):
+                if best is None or node.lineno >= best.lineno:
+                    best = node
+    if best is None:
+        raise NNPatchError(
+            f"could not find the `with ....trace(...)` statement at {filename}:{lineno}; "
+            "open traces with a with-statement written in the source")
+    if best.body and best.body[0].lineno == best.lineno:
+        raise NNPatchError(
+            f"{filename}:{lineno}: put the body of a trace on its own lines, below the with-statement")
+    return best
+
+
+def _is_call_to(expr: ast.expr, name: str) -> bool:
+    return (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute)
+            and expr.func.attr == name)
+
+
+# -- compiling --------------------------------------------------------------------------------
+
+def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool) -> TraceProgram:
+    uses_grad = any(_uses_grad(stmt) for stmt in node.body)
+    body = [_Rewriter().visit(stmt) for stmt in node.body]
+    program = TraceProgram(code=None, uses_grad=uses_grad)  # type: ignore[arg-type]
+    if implicit_invoke:
+        if any(_invoke_with(n) for stmt in body for n in _walk_scope(stmt)):
+            raise NNPatchError(
+                f"{filename}:{node.lineno}: a trace given inputs is itself one invoke; either pass "
+                "the inputs to model.trace(...) or use `with tracer.invoke(...)` blocks, not both")
+        program.invokes.append(_invoke_body(body, filename))
+        first = node.body[0]
+        stmts = [_at(_call_stmt("_invoke", [ast.Constant(None), ast.Constant(0), ast.Constant(None)]), first),
+                 _at(_call_stmt("_flush", []), node.body[-1])]
+    else:
+        stmts = _split_invokes(body, program, filename)
+        stmts.append(_at(_call_stmt("_flush", []), node.body[-1]))
+    module = ast.Module(body=stmts, type_ignores=[])
+    ast.fix_missing_locations(module)
+    program.code = compile(module, filename, "exec")
+    return program
+
+
+def _split_invokes(stmts: list[ast.stmt], program: TraceProgram, filename: str) -> list[ast.stmt]:
+    """Replace invoke blocks by registrations; flush before statements that need their results."""
+    out: list[ast.stmt] = []
+    for stmt in stmts:
+        if any(_invoke_with(n) for n in _walk_scope(stmt)):
+            out.append(_ReplaceInvokes(program, filename).visit(stmt))
+        else:
+            names = sorted({n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)})
+            flush = _call_stmt("_flush_if_needed", [ast.Tuple([ast.Constant(n) for n in names], ast.Load())])
+            out.append(_at(flush, stmt))
+            out.append(stmt)
+    return out
+
+
+class _ReplaceInvokes(ast.NodeTransformer):
+    def __init__(self, program: TraceProgram, filename: str):
+        self.program, self.filename = program, filename
+
+    def visit_FunctionDef(self, node):  # invokes inside helper functions are not ours
+        return node
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+
+    def visit_With(self, node):
+        if not _invoke_with(node):
+            return self.generic_visit(node)
+        item = node.items[0]
+        index = len(self.program.invokes)
+        self.program.invokes.append(_invoke_body(node.body, self.filename))
+        call = _tracer_call("_invoke", [item.context_expr, ast.Constant(index),
+                                        ast.Constant(_target_name(item, self.filename))])
+        if item.optional_vars is not None:
+            stmt = ast.Assign(targets=[item.optional_vars], value=call)
+        else:
+            stmt = ast.Expr(call)
+        return _at(stmt, node)
+
+
+def _target_name(item: ast.withitem, filename: str):
+    if item.optional_vars is None:
+        return None
+    if not isinstance(item.optional_vars, ast.Name):
+        raise NNPatchError(f"{filename}:{item.optional_vars.lineno}: bind an invoke to a plain name")
+    return item.optional_vars.id
+
+
+def _invoke_with(node) -> bool:
+    return (isinstance(node, ast.With) and len(node.items) == 1
+            and _is_call_to(node.items[0].context_expr, "invoke"))
+
+
+def _invoke_body(stmts: list[ast.stmt], filename: str) -> InvokeBody:
+    for stmt in stmts:
+        for n in _walk_scope(stmt):
+            if _invoke_with(n):
+                raise NNPatchError(f"{filename}:{n.lineno}: invokes cannot be nested inside invokes")
+    module = ast.Module(body=stmts, type_ignores=[])
+    ast.fix_missing_locations(module)
+    return InvokeBody(code=compile(module, filename, "exec"), stores=frozenset(_stored_names(stmts)))
+
+
+def _walk_scope(node):
+    """ast.walk that does not enter nested functions, lambdas or classes."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        for child in ast.iter_child_nodes(n):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                todo.append(child)
+
+
+def _stored_names(stmts: list[ast.stmt]) -> set[str]:
+    names: set[str] = set()
+    for stmt in stmts:
+        for n in _walk_scope(stmt):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                names.add(n.id)
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, ast.alias):
+                names.add((n.asname or n.name).split(".")[0])
+            elif isinstance(n, ast.ExceptHandler) and n.name:
+                names.add(n.name)
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(stmt.name)
+    # comprehension variables live in their own scope
+    for stmt in stmts:
+        for n in ast.walk(stmt):
+            if isinstance(n, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                for gen in n.generators:
+                    for t in ast.walk(gen.target):
+                        if isinstance(t, ast.Name):
+                            names.discard(t.id)
+    return names
+
+
+def _uses_grad(stmt: ast.stmt) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr in ("grad", "backward") for n in ast.walk(stmt))
+
+
+class _Rewriter(ast.NodeTransformer):
+    """`.save()`, `.backward()`, `.grad` and `.grad = g` become calls into nnpatch."""
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == "save" and not node.args and not node.keywords:
+            return ast.copy_location(_name_call(SAVE, [f.value]), node)
+        if isinstance(f, ast.Attribute) and f.attr == "backward":
+            return ast.copy_location(
+                ast.Call(func=ast.Name(BACKWARD, ast.Load()), args=[f.value] + node.args,
+                         keywords=node.keywords), node)
+        return node
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        if node.attr == "grad" and isinstance(node.ctx, ast.Load):
+            return ast.copy_location(_name_call(GET_GRAD, [node.value]), node)
+        return node
+
+    def visit_Assign(self, node):
+        self.generic_visit(node)
+        if len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute) \
+                and node.targets[0].attr == "grad":
+            call = _name_call(SET_GRAD, [node.targets[0].value, node.value])
+            return ast.copy_location(ast.Expr(call), node)
+        return node
+
+
+def _name_call(name: str, args: list) -> ast.Call:
+    return ast.Call(func=ast.Name(name, ast.Load()), args=args, keywords=[])
+
+
+def _tracer_call(method: str, args: list) -> ast.Call:
+    return ast.Call(func=ast.Attribute(ast.Name(TRACER, ast.Load()), method, ast.Load()),
+                    args=args, keywords=[])
+
+
+def _call_stmt(method: str, args: list) -> ast.stmt:
+    return ast.Expr(_tracer_call(method, args))
+
+
+def _at(new: ast.stmt, old: ast.AST) -> ast.stmt:
+    """Give a generated statement the location of the user's statement it stands for."""
+    return ast.fix_missing_locations(ast.copy_location(new, old))
