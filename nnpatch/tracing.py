@@ -302,10 +302,10 @@ class Invoke:
             ns = self.namespace
             if ns is not None and dict.__contains__(ns, name):
                 return dict.__getitem__(ns, name)
-            if self.done or self.pass_ is not reader.pass_:
+            if self.done or self not in reader.pass_.invokes:
                 return _MISSING
             reader.waited_across = True
-            self.pass_.wait_name(reader, self, name)
+            reader.pass_.wait_name(reader, self, name)
             reader.pause((self, name))
 
     def stored(self, name: str) -> None:
@@ -333,6 +333,7 @@ class _Pass:
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
         self.ready: list[Invoke] = []
         self.handles: dict[Event, Any] = {}
+        self.sentinels: dict[str, Any] = {}
         self.fired: dict[Event, Any] = {}  # batched values handed out, by event
         self.current: Event | None = None
         self.grad = tracer._program.uses_grad
@@ -348,9 +349,10 @@ class _Pass:
                     self.output = self.model._forward(self.batch)
                 self._drain()
         finally:
-            for h in reversed(list(self.handles.values())):
+            for h in reversed([*self.sentinels.values(), *self.handles.values()]):
                 h.remove()
             self.handles.clear()
+            self.sentinels.clear()
         self._finish()
 
     def _outer(self) -> TraceNamespace:
@@ -364,6 +366,18 @@ class _Pass:
             module = self.model._resolve(path)
             hook = self._input_hook(event) if kind == "input" else self._output_hook(event)
             self.handles[event] = attach(module, kind, hook)
+            self._sentinels(path)
+
+    def _sentinels(self, path: str) -> None:
+        """A no-op hook on every ancestor of a hooked module. PyTorch decides when a module's
+        call starts whether to look for hooks at all; with a sentinel in place, an ancestor's
+        output can still be asked for while its children run."""
+        parts = path.split(".") if path else []
+        for n in range(len(parts)):
+            ancestor = ".".join(parts[:n])
+            if ancestor not in self.sentinels:
+                module = self.model._resolve(ancestor)
+                self.sentinels[ancestor] = module.register_forward_pre_hook(_no_op)
 
     def wait_name(self, reader: Invoke, producer: Invoke, name: str) -> None:
         self.name_waiting[(producer.index, name)].append(reader)
@@ -458,6 +472,10 @@ class _Pass:
     def write(self, inv: Invoke, event: Event, current, new) -> None:
         """Write `new` into this invoke's rows of the batched value at `event`."""
         _copy_into(current, new, _name(event))
+
+
+def _no_op(module, args):
+    return None
 
 
 def _fresh(t, grad: bool):
