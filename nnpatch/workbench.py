@@ -61,7 +61,6 @@ class _Controls(anywidget.AnyWidget):
     answer_options = t.List().tag(sync=True)  # [[token, prob], ...] of the clean run
     wrong_options = t.List().tag(sync=True)  # [[token, prob], ...] of the corrupt run
     busy = t.Bool(False).tag(sync=True)
-    progress = t.Float(0.0).tag(sync=True)
     summary = t.Dict().tag(sync=True)  # the last run: scores, cell count, seconds
     message = t.Unicode("").tag(sync=True)  # what went wrong, in words
 
@@ -111,9 +110,9 @@ class Workbench(ipywidgets.VBox):
         self.controls.observe(self._on_controls_action, names="action")
         self.inspector.observe(self._on_inspector_action, names="action")
 
-        self._on_granularity()
         if self.controller.pairs:
             self.controls.pair = 0
+        self._on_granularity()  # last, so that a model without standard sites says so at once
 
     # -- setting up ------------------------------------------------------------------------------
     def _on_prompt(self, change=None):
@@ -157,21 +156,16 @@ class Workbench(ipywidgets.VBox):
         """Run the sweep with the settings on screen (what the Run button does)."""
         c = self.controls
         with self._reporting(c):
-            c.progress = 0.0
             settings = Settings(c.clean, c.corrupt, c.answer, c.wrong, site=c.site,
                                 by=GRANULARITIES.get(c.granularity, ()), metric=c.metric)
             start = time.perf_counter()
-            result = self.controller.run(settings, progress=self._set_progress)
+            result = self.controller.run(settings)
             seconds = time.perf_counter() - start
             self._show_heatmap(new=True)
-            c.progress = 1.0
             c.summary = {"clean_score": float(result.clean_score), "corrupt_score": float(result.corrupt_score),
                          "cells": int(result.values.numel()), "seconds": seconds, "metric": settings.metric}
             i = self.inspector
             i.ready, i.detail, i.selection, i.combined, i.code, i.message = True, {}, [], {}, "", ""
-
-    def _set_progress(self, fraction: float):
-        self.controls.progress = float(fraction)
 
     def _show_heatmap(self, new: bool = False):
         fig = self.controller.figure()

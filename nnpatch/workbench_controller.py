@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -135,10 +134,10 @@ class WorkbenchController:
         return answer, wrong
 
     # -- the heatmap ---------------------------------------------------------------------------
-    def run(self, settings: Settings, progress: Callable[[float], None] | None = None):
+    def run(self, settings: Settings):
         """Sweep every cell; the result becomes the heatmap, and earlier cells are forgotten."""
         self._check(settings)
-        self.result = _activation_patching(self.model, settings, progress)
+        self.result = _activation_patching(self.model, settings)
         self.settings = settings
         self.inspected, self.selection = None, []
         return self.result
@@ -206,17 +205,17 @@ class WorkbenchController:
                  "# The heatmap: every cell patched alone",
                  "result = nnpatch.activation_patching(model, clean, corrupt, **options)",
                  "print('clean', result.clean_score, 'corrupt', result.corrupt_score)",
-                 "result.plot()"]
+                 "fig = result.plot()  # the heatmap: display fig"]
         if self.inspected is not None:
             c = self.inspected
             lines += ["", f"# The inspected cell: {self.label(c)}",
                       f"cell = nnpatch.sweep.patch_cells(model, clean, corrupt, [{c!r}], **options)",
-                      f"print(float(result.values{list(c)!r}), cell.normalized, cell.patched_score)"]
+                      f"print(float(result.values{list(c)!r}), cell.score, cell.patched_score)"]
         if self.selection:
             cells = sorted(self.selection)
             lines += ["", "# The selected cells, patched together",
                       f"patched = nnpatch.sweep.patch_cells(model, clean, corrupt, {cells!r}, **options)",
-                      "print(patched.normalized, patched.patched_score)"]
+                      "print(patched.score, patched.patched_score)"]
         return "\n".join(lines) + "\n"
 
     # -- the steps behind the public methods ----------------------------------------------------
@@ -234,7 +233,8 @@ class WorkbenchController:
         problem = _prompt_problem(s.clean, s.corrupt, a, b, differ)
         if problem:
             raise NNPatchError(problem)
-        if self._token_id("answer", s.answer) == self._token_id("wrong token", s.wrong):
+        same = self._token_id("answer", s.answer) == self._token_id("wrong token", s.wrong)
+        if same and s.metric.startswith("logit_diff"):
             raise NNPatchError(f"the answer and the wrong token are both {s.answer!r}: the metric "
                                "compares the two, so pick a different wrong token")
 
@@ -259,13 +259,13 @@ class WorkbenchController:
             cells=tuple(cells),
             label=self.label(cells[0]) if one else f"{len(cells)} cells patched together",
             clean_score=float(patched.clean_score), corrupt_score=float(patched.corrupt_score),
-            patched_score=float(patched.patched_score), normalized=float(patched.normalized),
+            patched_score=float(patched.patched_score), normalized=float(patched.score),
             heatmap_value=float(self.result.values[cells[0]]) if one else None,
-            top={run: self._top(getattr(patched, f"{run}_logits"), TOP_K)
+            top={run: self._top(getattr(patched, f"{run}_logits")[0], TOP_K)  # one pair: row 0
                  for run in ("clean", "corrupt", "patched")})
 
     def _top(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
-        probs = torch.softmax(logits.detach().float().reshape(-1), dim=-1)  # [vocab]
+        probs = torch.softmax(logits.detach().float(), dim=-1)  # [vocab]
         p, ids = probs.topk(min(k, probs.numel()))
         return [(self.model.tokenizer.decode([i]), float(v)) for v, i in zip(p.tolist(), ids.tolist())]
 
@@ -281,21 +281,20 @@ class WorkbenchController:
 
 # -- the public API this controller calls (one place, so the generated code matches it) -----------
 def _standard_sites(model) -> list[str]:
-    import nnpatch
-    table = nnpatch.sites(model)
-    return list(table)
+    # Not `nnpatch.sites(model)`: once the submodule nnpatch.sites is imported, that attribute
+    # of the package is the module, not the function.
+    return list(importlib.import_module("nnpatch.sites").sites(model))
 
 
 def _metric_names() -> list[str]:
-    return ["logit_diff"]
+    return list(importlib.import_module("nnpatch.sweep").METRICS)
 
 
-def _activation_patching(model, s: Settings, progress):
+def _activation_patching(model, s: Settings):
     import nnpatch
-    kwargs = dict(answer=s.answer, wrong=s.wrong, metric=s.metric, site=s.site, by=s.by)
-    if progress is not None and "progress" in inspect.signature(nnpatch.activation_patching).parameters:
-        kwargs["progress"] = progress
-    return nnpatch.activation_patching(model, s.clean, s.corrupt, **kwargs)
+    # No tqdm bar: inside a widget callback it would land in JupyterLab's log console.
+    return nnpatch.activation_patching(model, s.clean, s.corrupt, answer=s.answer, wrong=s.wrong,
+                                       metric=s.metric, site=s.site, by=s.by, progress=False)
 
 
 def _patch_cells(model, s: Settings, cells: list[Cell]):
@@ -341,7 +340,7 @@ def _read_pairs(pairs) -> list[dict]:
         elif isinstance(p, dict):
             fields = p
         else:
-            fields = {k: getattr(p, k, "") for k in ("clean", "corrupt", "answer", "wrong")}
+            fields = {k: getattr(p, k, None) for k in ("clean", "corrupt", "answer", "wrong")}
         if not isinstance(fields.get("clean"), str) or not isinstance(fields.get("corrupt"), str):
             raise NNPatchError(f"pair {i} has no clean and corrupt prompt: give pairs as nnpatch.tasks "
                                "pairs, dicts, or (clean, corrupt[, answer, wrong]) tuples")

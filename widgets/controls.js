@@ -51,7 +51,12 @@ function render({ model, el }) {
   // -- pairs ----------------------------------------------------------------------------------
   const pairSelect = h("select", { class: "nnp-pair" });
   const pairRow = h("div", { class: "nnp-row" }, h("label", {}, "Example"), pairSelect);
-  pairSelect.addEventListener("change", () => write("pair", Number(pairSelect.value)));
+  pairSelect.addEventListener("change", () => {
+    // An example replaces every field: edits still waiting to be written would undo it.
+    timers.forEach((id) => clearTimeout(id));
+    timers.clear();
+    write("pair", Number(pairSelect.value));
+  });
   on("pairs pair", () => {
     const pairs = model.get("pairs");
     pairRow.hidden = pairs.length === 0;
@@ -137,7 +142,7 @@ function render({ model, el }) {
 
   // -- run ----------------------------------------------------------------------------------------
   const runButton = h("button", { class: "nnp-run", type: "button" }, "Run");
-  const progress = h("progress", { class: "nnp-progress", max: 1 });
+  const progress = h("progress", { class: "nnp-progress" });
   const summary = h("span", { class: "nnp-summary" });
   runButton.addEventListener("click", () => {
     // What is in the fields now is what runs, even if the user has not paused typing.
@@ -150,12 +155,12 @@ function render({ model, el }) {
     model.set("action", { name: "run", seq: Date.now() });
     model.save_changes();
   });
-  on("busy progress", () => {
+  // The sweep reports no progress while it runs, so the bar is indeterminate (it still moves,
+  // as the browser animates it, while the kernel is busy).
+  on("busy", () => {
     const busy = model.get("busy");
     runButton.disabled = busy;
     progress.hidden = !busy;
-    if (busy && model.get("progress") > 0) progress.value = model.get("progress");
-    else progress.removeAttribute("value");
     root.classList.toggle("nnp-busy", busy);
   });
   on("summary", () => {
