@@ -141,11 +141,12 @@ class Workbench(ipywidgets.VBox):
         c, pair = self.controls, self.controller.pairs[change["new"]] if change["new"] >= 0 else None
         if pair is None:
             return
-        self._auto = {"answer": "", "wrong": ""}
         with c.hold_trait_notifications():
             c.clean, c.corrupt = pair["clean"], pair["corrupt"]
+        # The pair's own tokens are a choice, like the user's: later prompt edits keep them.
         c.answer = pair["answer"] or c.answer
         c.wrong = pair["wrong"] or c.wrong
+        self._auto = {"answer": "" if pair["answer"] else c.answer, "wrong": "" if pair["wrong"] else c.wrong}
 
     # -- running -----------------------------------------------------------------------------------
     def _on_controls_action(self, change):

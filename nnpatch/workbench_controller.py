@@ -108,7 +108,7 @@ class WorkbenchController:
     def preview(self, clean: str, corrupt: str) -> Preview:
         a, b = self.tokens(clean), self.tokens(corrupt)
         differ = [p for p, (x, y) in enumerate(zip(a, b)) if x.text != y.text]
-        return Preview(a, b, differ, _prompt_problem(clean, corrupt, a, b, differ) or "")
+        return Preview(a, b, differ, _prompt_problem(clean, corrupt, a, b) or "")
 
     def metric_names(self) -> list[str]:
         return _metric_names()
@@ -228,9 +228,7 @@ class WorkbenchController:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise NNPatchError(f"site {s.site!r} cannot be swept by {' × '.join(s.by)}{hint}; "
                                f"this model's sites for it are {names}")
-        a, b = self.tokens(s.clean), self.tokens(s.corrupt)
-        differ = [p for p, (x, y) in enumerate(zip(a, b)) if x.text != y.text]
-        problem = _prompt_problem(s.clean, s.corrupt, a, b, differ)
+        problem = _prompt_problem(s.clean, s.corrupt, self.tokens(s.clean), self.tokens(s.corrupt))
         if problem:
             raise NNPatchError(problem)
         same = self._token_id("answer", s.answer) == self._token_id("wrong token", s.wrong)
@@ -257,7 +255,7 @@ class WorkbenchController:
         one = len(cells) == 1
         return Outcome(
             cells=tuple(cells),
-            label=self.label(cells[0]) if one else f"{len(cells)} cells patched together",
+            label=self.label(cells[0]) if one else f"{len(cells)} cells",
             clean_score=float(patched.clean_score), corrupt_score=float(patched.corrupt_score),
             patched_score=float(patched.patched_score), normalized=float(patched.score),
             heatmap_value=float(self.result.values[cells[0]]) if one else None,
@@ -348,7 +346,7 @@ def _read_pairs(pairs) -> list[dict]:
     return out
 
 
-def _prompt_problem(clean: str, corrupt: str, a: list[Token], b: list[Token], differ: list[int]) -> str | None:
+def _prompt_problem(clean: str, corrupt: str, a: list[Token], b: list[Token]) -> str | None:
     for role, text in (("clean", clean), ("corrupt", corrupt)):
         if not text.strip():
             return f"the {role} prompt is empty: type a prompt"
@@ -359,11 +357,25 @@ def _prompt_problem(clean: str, corrupt: str, a: list[Token], b: list[Token], di
                     f"{', '.join(unknown)}: the model would read each as its unknown token. "
                     "Use words of the model's vocabulary")
     if len(a) != len(b):
-        first = differ[0] if differ else min(len(a), len(b))
-        return (f"the prompts differ in length: clean has {len(a)} tokens, corrupt has {len(b)}, "
-                f"and they part at position {first}. Patching pairs positions one to one, so edit "
-                "the prompts until they have the same number of tokens")
+        return (f"the prompts differ in length: clean has {len(a)} tokens, corrupt has {len(b)}; "
+                f"{_where_lengths_part(a, b)}. Patching pairs positions one to one, so edit the "
+                "prompts until they have the same number of tokens")
     return None
+
+
+def _where_lengths_part(a: list[Token], b: list[Token]) -> str:
+    """The first stretch where one prompt has more tokens than the other, in words."""
+    ta, tb = [t.text for t in a], [t.text for t in b]
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
+        if i2 - i1 != j2 - j1:
+            def where(start, stop):
+                return f"position {start}" if stop - start == 1 else f"positions {start}-{stop - 1}"
+            if i1 == i2:
+                return f"corrupt has {tb[j1:j2]} at {where(j1, j2)} where clean has none"
+            if j1 == j2:
+                return f"clean has {ta[i1:i2]} at {where(i1, i2)} where corrupt has none"
+            return f"clean has {ta[i1:i2]} at {where(i1, i2)} where corrupt has {tb[j1:j2]}"
+    return "the token lists part at the end"
 
 
 def _offsets(tok, prompt: str, n: int) -> list[str]:
