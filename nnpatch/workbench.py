@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.resources
+import math
 import pathlib
 import time
 
@@ -163,8 +164,8 @@ class Workbench(ipywidgets.VBox):
             result = self.controller.run(settings)
             seconds = time.perf_counter() - start
             self._show_heatmap(new=True)
-            c.summary = {"clean_score": float(result.clean_score), "corrupt_score": float(result.corrupt_score),
-                         "cells": int(result.values.numel()), "seconds": seconds, "metric": settings.metric}
+            c.summary = _json_safe({"clean_score": float(result.clean_score), "corrupt_score": float(result.corrupt_score),
+                                    "cells": int(result.values.numel()), "seconds": seconds, "metric": settings.metric})
             i = self.inspector
             i.ready, i.detail, i.selection, i.combined, i.code, i.message = True, {}, [], {}, "", ""
 
@@ -184,8 +185,7 @@ class Workbench(ipywidgets.VBox):
     def _on_cell_click(self, trace, points, state):
         if not points.point_inds:
             return
-        row, col = points.point_inds[0]
-        cell = self.controller.cell(row, col)
+        cell = tuple(points.point_inds[0])  # a heatmap point is (row, col)
         if self.inspector.click_mode == "select" or (state is not None and state.shift):
             self.toggle(cell)
         else:
@@ -196,6 +196,7 @@ class Workbench(ipywidgets.VBox):
         with self._reporting(self.inspector):
             self.inspector.detail = self._outcome_view(self.controller.inspect(tuple(cell)))
             self._show_heatmap()
+            self._refresh_code()
 
     def toggle(self, cell):
         """Add `cell` to the selection, or take it out (a click in select mode, or shift-click)."""
@@ -228,6 +229,12 @@ class Workbench(ipywidgets.VBox):
         self.inspector.selection = [{"cell": list(c), "label": ctl.label(c)} for c in ctl.selection]
         self.inspector.combined = {}
         self._show_heatmap()
+        self._refresh_code()
+
+    def _refresh_code(self):
+        """Code on screen always matches the numbers on screen."""
+        if self.inspector.code:
+            self.inspector.code = self.controller.code()
 
     def _outcome_view(self, outcome) -> dict:
         s = self.controller.settings
@@ -235,7 +242,7 @@ class Workbench(ipywidgets.VBox):
         view["cells"] = [list(c) for c in outcome.cells]
         view["top"] = {run: [list(x) for x in top] for run, top in outcome.top.items()}
         view.update(answer=s.answer, wrong=s.wrong, metric=s.metric)
-        return view
+        return _json_safe(view)
 
     # -- messages instead of tracebacks ----------------------------------------------------------
     @contextlib.contextmanager
@@ -254,6 +261,17 @@ class Workbench(ipywidgets.VBox):
                              "(the traceback is in the Workbench's last_error)")
         finally:
             panel.busy = False
+
+
+def _json_safe(value):
+    """`value` with NaN and infinities as None: the comm's JSON has no NaN (the view shows "–")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _pair_label(i: int, pair: dict) -> str:

@@ -220,9 +220,9 @@ class WorkbenchController:
 
     # -- the steps behind the public methods ----------------------------------------------------
     def _check(self, s: Settings) -> None:
-        names = self.site_names(s.by)
         if s.by not in GRANULARITIES.values():
             raise NNPatchError(f"granularity must be one of {list(GRANULARITIES.values())}, got {s.by}")
+        names = self.site_names(s.by)
         if s.site not in names:
             close = difflib.get_close_matches(s.site, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
