@@ -1,0 +1,118 @@
+"""The result of a patching sweep: a grid of metric values with named, labelled axes.
+
+    >>> import torch, nnpatch
+    >>> result = nnpatch.PatchingResult(
+    ...     values=torch.tensor([[0.1, 0.9], [0.0, 1.0]]), dims=("layer", "pos"),
+    ...     labels={"layer": ["transformer.h.0.input", "transformer.h.1.input"], "pos": ["Mary", " ran"]},
+    ...     clean_score=2.5, corrupt_score=-1.0, metric="logit_diff", site="resid_pre")
+    >>> result.save("sweep.safetensors")
+    >>> nnpatch.PatchingResult.load("sweep.safetensors").values[1, 1].item()
+    1.0
+    >>> fig = result.plot()          # a plotly Figure; fig.show() in a notebook
+
+Files hold the values as safetensors and everything else as JSON in the safetensors header, so
+loading one never runs pickle.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import NNPatchError
+
+_FORMAT = "nnpatch.PatchingResult/1"
+
+
+@dataclass
+class PatchingResult:
+    """Metric values of a sweep, one per cell.
+
+    `values` has one axis per entry of `dims` (e.g. `("layer", "pos")`); `labels[dim]` labels the
+    entries of that axis: layers by their site (`transformer.h.3.mlp.output`), positions by their
+    tokens, heads by number. `clean_score` and `corrupt_score` are the metric of the unpatched
+    clean and corrupt runs, in the metric's raw units (for `logit_diff` the values are normalised
+    so that corrupt is 0 and clean is 1). `method` is "activation" or "attribution".
+    """
+
+    values: torch.Tensor
+    dims: tuple[str, ...]
+    labels: dict[str, list[str]]
+    clean_score: float
+    corrupt_score: float
+    metric: str = "logit_diff"
+    site: str = ""
+    method: str = "activation"
+    direction: str = "denoise"
+    n_pairs: int = 1
+    layers: list[int] = field(default_factory=list)
+    model: str = ""
+
+    def __post_init__(self):
+        self.values = torch.as_tensor(self.values).detach().float().cpu()
+        self.dims = tuple(self.dims)
+        if self.values.dim() != len(self.dims):
+            raise NNPatchError(f"values of shape {tuple(self.values.shape)} need {self.values.dim()} "
+                               f"dims, got dims={self.dims}")
+        for axis, dim in enumerate(self.dims):
+            labels = self.labels.get(dim)
+            if labels is None:
+                self.labels[dim] = [str(i) for i in range(self.values.shape[axis])]
+            elif len(labels) != self.values.shape[axis]:
+                raise NNPatchError(f"{len(labels)} labels for dim {dim!r} of size {self.values.shape[axis]}")
+        if not self.layers and "layer" in self.dims:
+            self.layers = list(range(self.values.shape[self.dims.index("layer")]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def top(self, k: int = 5) -> list[tuple[dict[str, str], float]]:
+        """The k cells of largest absolute value, as ({dim: label}, value), largest first."""
+        flat = self.values.flatten()
+        order = flat.abs().argsort(descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            index = torch.unravel_index(torch.tensor(i), self.values.shape)
+            out.append(({d: self.labels[d][int(j)] for d, j in zip(self.dims, index)}, float(flat[i])))
+        return out
+
+    def plot(self, **kwargs):
+        """A plotly heatmap (diverging RdBu, centred at 0, token labels, hover values)."""
+        from .heatmap import plot
+        return plot(self, **kwargs)
+
+    def __repr__(self) -> str:
+        shape = " x ".join(f"{d} {n}" for d, n in zip(self.dims, self.values.shape))
+        return (f"PatchingResult({self.method} patching of {self.site or 'a site'}, {shape}, "
+                f"metric={self.metric}, {self.direction}, clean={self.clean_score:.4g}, "
+                f"corrupt={self.corrupt_score:.4g}, {self.n_pairs} pair(s))")
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write a .safetensors file (values) whose header holds everything else as JSON."""
+        from safetensors.torch import save_file
+        meta = {"format": _FORMAT, "dims": list(self.dims), "labels": self.labels,
+                "clean_score": self.clean_score, "corrupt_score": self.corrupt_score,
+                "metric": self.metric, "site": self.site, "method": self.method,
+                "direction": self.direction, "n_pairs": self.n_pairs, "layers": self.layers,
+                "model": self.model}
+        save_file({"values": self.values.contiguous()}, str(path), metadata={"nnpatch": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PatchingResult":
+        """Read a file written by `save` (no pickle involved)."""
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if "nnpatch" not in header or "values" not in f.keys():
+                raise NNPatchError(f"{path} is not a PatchingResult file (no nnpatch header); "
+                                   "write one with PatchingResult.save")
+            values = f.get_tensor("values")
+        meta = json.loads(header["nnpatch"])
+        if meta.pop("format", None) != _FORMAT:
+            raise NNPatchError(f"{path}: unknown PatchingResult format; expected {_FORMAT}")
+        meta["dims"] = tuple(meta["dims"])
+        return cls(values=values, **meta)

@@ -1,0 +1,324 @@
+"""Sweeps against a naive reference: one plain-PyTorch forward per cell and pair, hooks written out.
+
+The models are random-weight GPT-2 and Llama configs with a wide initialisation, so that logit
+differences are of order one and a normalised difference of 1e-4 means a real error.
+"""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import nnpatch
+from nnpatch.sweep import patch_cells
+
+VOCAB = 60
+CLEAN = [[5, 6, 7, 8, 9, 10, 11], [12, 6, 7, 13, 9, 14, 11]]
+CORRUPT = [[5, 6, 20, 8, 9, 10, 11], [12, 6, 21, 13, 22, 14, 11]]
+ANSWER, WRONG = [3, 4], [4, 30]
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
+                                      initializer_range=0.2)).eval()
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        initializer_range=0.2)).eval()
+
+
+BUILD = {"gpt2": gpt2, "llama": llama}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny, so intra-op threads only add contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def place(hf, site, layer):
+    """(module, "input" | "output") of a site, written out by hand for each architecture."""
+    if isinstance(hf, GPT2LMHeadModel):
+        block = hf.transformer.h[layer]
+        return {"resid_pre": (block, "input"), "resid_mid": (block.ln_2, "input"),
+                "resid_post": (block, "output"), "attn_out": (block.attn, "output"),
+                "mlp_out": (block.mlp, "output"), "head_out": (block.attn.c_proj, "input")}[site]
+    block = hf.model.layers[layer]
+    return {"resid_pre": (block, "input"), "resid_mid": (block.post_attention_layernorm, "input"),
+            "resid_post": (block, "output"), "attn_out": (block.self_attn, "output"),
+            "mlp_out": (block.mlp, "output"), "head_out": (block.self_attn.o_proj, "input")}[site]
+
+
+def first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def run(hf, ids, module=None, kind=None, edit=None):
+    """Last-position logits of one prompt; `edit(value) -> value` changes the site's value."""
+    store = {}
+
+    def pre(m, args):
+        store["v"] = args[0].detach().clone()
+        if edit is not None:
+            return (edit(args[0]),) + args[1:]
+
+    def post(m, args, out):
+        store["v"] = first(out).detach().clone()
+        if edit is not None:
+            new = edit(first(out))
+            return (new,) + out[1:] if isinstance(out, tuple) else new
+
+    handle = None
+    if module is not None:
+        handle = (module.register_forward_pre_hook(pre) if kind == "input"
+                  else module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits, store.get("v")
+
+
+def naive(hf, site, by, direction, metric="logit_diff", clean=CLEAN, corrupt=CORRUPT,
+          answer=ANSWER, wrong=WRONG, cells=None):
+    """One forward per cell and pair. Returns (values, clean score, corrupt score)."""
+    n_layers, n_heads = hf.config.num_hidden_layers, hf.config.num_attention_heads
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+
+    def stat(logits, i):
+        if metric in ("logit_diff", "logit_diff_raw"):
+            return float(logits[answer[i]] - logits[wrong[i]])
+        if metric == "prob":
+            return float(logits.softmax(-1)[answer[i]])
+        p = run(hf, clean[i])[0].log_softmax(-1)
+        return float((p.exp() * (p - logits.log_softmax(-1))).sum())
+
+    def score(prompts):
+        return sum(stat(run(hf, p)[0], i) for i, p in enumerate(prompts)) / len(prompts)
+
+    clean_score, corrupt_score = score(clean), score(corrupt)
+    seq = len(clean[0])
+    if cells is None:
+        axes = {"layer": range(n_layers), "head": range(n_heads), "pos": range(seq)}
+        grid = torch.cartesian_prod(*[torch.tensor(list(axes[d])) for d in by]).reshape(-1, len(by))
+        cells = [[dict(zip(by, map(int, row)))] for row in grid]
+    values = []
+    for patches in cells:
+        total = 0.0
+        for i in range(len(base)):
+            hooks = []
+            for cell in patches:
+                module, kind = place(hf, site, cell["layer"])
+                src = run(hf, source[i], module, kind)[1]
+
+                def edit(value, src=src, cell=cell):
+                    value = value.clone()
+                    pos = slice(None) if "pos" not in cell else cell["pos"]
+                    if "head" in cell:
+                        v = value.view(*value.shape[:-1], n_heads, -1)
+                        v[:, pos, cell["head"]] = src.view(*src.shape[:-1], n_heads, -1)[:, pos, cell["head"]]
+                    else:
+                        value[:, pos] = src[:, pos]
+                    return value
+                hooks.append((module, kind, edit))
+            handles = []
+            for module, kind, edit in hooks:
+                if kind == "input":
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, a, edit=edit: (edit(a[0]),) + a[1:]))
+                else:
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, o, edit=edit: ((edit(o[0]),) + o[1:]) if isinstance(o, tuple) else edit(o)))
+            try:
+                logits = run(hf, base[i])[0]
+            finally:
+                for h in handles:
+                    h.remove()
+            total += stat(logits, i)
+        values.append(total / len(base))
+    values = torch.tensor(values)
+    if metric == "logit_diff":
+        values = (values - corrupt_score) / (clean_score - corrupt_score)
+    return values, clean_score, corrupt_score
+
+
+def close(got, want, tol=1e-4):
+    got, want = torch.as_tensor(got, dtype=torch.float64).flatten(), torch.as_tensor(want, dtype=torch.float64).flatten()
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), f"max error {err}"
+
+
+def all_hooks(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in module.modules())
+
+
+SWEEPS = [(site, by) for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+          for by in [("layer",), ("layer", "pos")]]
+SWEEPS += [("head_out", by) for by in [("layer",), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos")]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("site,by", SWEEPS)
+def test_activation_patching_matches_naive_loop(arch, site, by):
+    hf = BUILD[arch]()
+    for direction in ("denoise", "noise"):
+        want, clean, corrupt = naive(hf, site, by, direction)
+        # A small batch so that chunks mix layers and positions.
+        got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, site=site, by=by,
+                                          direction=direction, batch_size=5, progress=False)
+        assert got.dims == by and got.direction == direction
+        close(got.values, want)
+        assert got.clean_score == pytest.approx(clean, abs=1e-4)
+        assert got.corrupt_score == pytest.approx(corrupt, abs=1e-4)
+    assert all_hooks(hf) == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_default_batching_matches_too(arch):
+    hf = BUILD[arch]()
+    want, _, _ = naive(hf, "resid_pre", ("layer", "pos"), "denoise")
+    got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, progress=False)
+    close(got.values, want)
+
+
+@pytest.mark.parametrize("metric", ["logit_diff_raw", "prob", "kl"])
+def test_other_metrics(metric):
+    hf = gpt2()
+    for direction in ("denoise", "noise"):
+        want, clean, corrupt = naive(hf, "attn_out", ("layer", "pos"), direction, metric)
+        got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, site="attn_out",
+                                          metric=metric, direction=direction, progress=False)
+        close(got.values, want)
+        assert got.clean_score == pytest.approx(clean, abs=1e-5)
+        assert got.corrupt_score == pytest.approx(corrupt, abs=1e-5)
+
+
+def test_callable_metric_sees_all_pairs():
+    hf = llama()
+    seen = []
+
+    def top_margin(logits):  # [n_pairs, vocab]
+        seen.append(tuple(logits.shape))
+        return (logits[0, 3] - logits[1, 30]) * 0.5
+
+    got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, metric=top_margin, site="mlp_out", by=("layer",),
+                                      progress=False)
+    assert set(seen) == {(2, VOCAB)}
+    want = []
+    for layer in range(3):
+        module, kind = place(hf, "mlp_out", layer)
+        logits = []
+        for i in range(2):
+            src = run(hf, CLEAN[i], module, kind)[1]
+            logits.append(run(hf, CORRUPT[i], module, kind, edit=lambda v, src=src: src)[0])
+        want.append(float(top_margin(torch.stack(logits))))
+    close(got.values, want)
+
+
+def test_pairs_of_different_lengths_average_by_layer():
+    hf = gpt2()
+    clean = [CLEAN[0], CLEAN[1][:5]]
+    corrupt = [CORRUPT[0], CORRUPT[1][:5]]
+    want, _, _ = naive(hf, "resid_post", ("layer",), "denoise", clean=clean, corrupt=corrupt)
+    got = nnpatch.activation_patching(hf, clean, corrupt, answer=ANSWER, wrong=WRONG, site="resid_post",
+                                      by=("layer",), progress=False)
+    close(got.values, want)
+    with pytest.raises(nnpatch.NNPatchError, match=r"\[5, 7\] tokens"):
+        nnpatch.activation_patching(hf, clean, corrupt, answer=ANSWER, wrong=WRONG, progress=False)
+
+
+def test_patch_cells_patches_a_set_together():
+    hf = llama()
+    cells = [(0, 2), (1, 4), (2, 6)]
+    want, clean, corrupt = naive(hf, "attn_out", ("layer", "pos"), "denoise",
+                                 cells=[[{"layer": l, "pos": p} for l, p in cells]])
+    got = patch_cells(hf, CLEAN, CORRUPT, cells, site="attn_out", answer=ANSWER, wrong=WRONG)
+    close(got.score, want)
+    assert got.clean_score == pytest.approx(clean, abs=1e-5)
+    assert got.corrupt_score == pytest.approx(corrupt, abs=1e-5)
+    assert got.patched_score == pytest.approx(corrupt + float(want) * (clean - corrupt), abs=1e-4)
+    assert got.patched_logits.shape == got.clean_logits.shape == (2, VOCAB)
+    close(got.clean_logits[1], run(hf, CLEAN[1])[0])
+    close(got.corrupt_logits[0], run(hf, CORRUPT[0])[0])
+    heads = patch_cells(hf, CLEAN, CORRUPT, [(1, 3, -1)], site="head_out", by=("layer", "head", "pos"),
+                        answer=ANSWER, wrong=WRONG)
+    want, _, _ = naive(hf, "head_out", ("layer", "head", "pos"), "denoise",
+                       cells=[[{"layer": 1, "head": 3, "pos": 6}]])
+    close(heads.score, want)
+
+
+def test_task_pairs_and_strings(tok):
+    class Pairs:  # anything with these four lists is a task
+        clean = ["t1 t2 t3 t4 t5", "t6 t2 t3 t7 t5"]
+        corrupt = ["t1 t2 t9 t4 t5", "t6 t2 t9 t7 t5"]
+        answer = [" t11", "t12"]
+        wrong = ["t12", "t11"]
+
+    hf = gpt2()
+    model = nnpatch.LanguageModel(hf, tokenizer=tok)
+    got = nnpatch.activation_patching(model, Pairs(), site="resid_pre", progress=False)
+    ids = lambda s: [int(w[1:]) + 2 for w in s.split()]  # noqa: E731 - the word tokenizer's ids
+    want, _, _ = naive(hf, "resid_pre", ("layer", "pos"), "denoise", clean=[ids(s) for s in Pairs.clean],
+                       corrupt=[ids(s) for s in Pairs.corrupt], answer=[13, 14], wrong=[14, 13])
+    close(got.values, want)
+    assert got.labels["pos"] == ["t1", "t2", "t3/t9", "t4", "t5"]
+    assert got.labels["layer"][2] == "transformer.h.2.input"
+
+
+def test_clear_errors(tok):
+    model = nnpatch.LanguageModel(gpt2(), tokenizer=tok)
+    with pytest.raises(nnpatch.NNPatchError, match="clean prompt 0 is 3 tokens long but corrupt prompt 0 is 4"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t2 t3 t4", answer="t5", wrong="t6")
+    with pytest.raises(nnpatch.NNPatchError, match="'t5 t6' .* is 2 tokens"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t4 t3", answer="t5 t6", wrong="t6")
+    with pytest.raises(nnpatch.NNPatchError, match="Available sites: resid_pre, resid_mid"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t4 t3", answer="t5", wrong="t6", site="resid_middle")
+    with pytest.raises(nnpatch.NNPatchError, match="site='head_out'"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t4 t3", answer="t5", wrong="t6", by=("layer", "head"))
+    with pytest.raises(nnpatch.NNPatchError, match="needs wrong="):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t4 t3", answer="t5")
+    with pytest.raises(nnpatch.NNPatchError, match="corrupt prompts"):
+        nnpatch.activation_patching(model, "t1 t2 t3", answer="t5", wrong="t6")
+    with pytest.raises(nnpatch.NNPatchError, match="by=\\('pos',\\) is not a sweep shape"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t4 t3", answer="t5", wrong="t6", by="pos")
+    with pytest.raises(nnpatch.NNPatchError, match="same logit difference"):
+        nnpatch.activation_patching(model, "t1 t2 t3", "t1 t2 t3", answer="t5", wrong="t6")
+
+
+def test_interrupt_leaves_the_model_clean():
+    hf = gpt2()
+    blocks_before = list(hf.transformer.h)
+    calls = {"n": 0}
+
+    def interrupt(m, args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # well inside the patched runs
+            raise KeyboardInterrupt
+
+    handle = hf.transformer.h[2].mlp.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, batch_size=2, progress=False)
+    handle.remove()
+    assert all_hooks(hf) == 0
+    assert list(hf.transformer.h) == blocks_before  # every skipped block is back
+    want, _, _ = naive(hf, "resid_pre", ("layer",), "denoise")
+    got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, by=("layer",), progress=False)
+    close(got.values, want)
+
+
+def test_layers_subset():
+    hf = llama()
+    want, _, _ = naive(hf, "mlp_out", ("layer", "pos"), "denoise")
+    got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, site="mlp_out",
+                                      layers=[2, 0], progress=False)
+    close(got.values, want.reshape(3, -1)[[2, 0]])
+    assert got.layers == [2, 0] and got.labels["layer"][0] == "model.layers.2.mlp.output"
