@@ -62,6 +62,11 @@ class BackwardContext:
             for h in reversed(handles):
                 h.remove()
         self.grads = {id(b): (None if g is None else g.contiguous()) for b, g in zip(self.bases, grads)}
+        # autograd.grad reports an input's gradient from before that input's own hooks ran;
+        # an edited tensor's own gradient is the edit.
+        for t, region, g in self.edits:
+            if id(t) in self.grads and self.grads[id(t)] is not None:
+                self.grads[id(t)] = _replacer(region, g)(self.grads[id(t)])
         self.derived = weakref.WeakKeyDictionary()
         self.dirty = False
         if self.inv is not None:

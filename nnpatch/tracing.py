@@ -433,6 +433,11 @@ class _Pass:
             if inv.done or inv.deferred:
                 continue
             paused_for_module = isinstance(inv.waiting[0], str)
+            if paused_for_module and inv.backward is not None:
+                raise NNPatchError(
+                    f"{_name(inv.waiting)} was not read during the forward pass, so the backward "
+                    f"pass has no gradient for it: read it (e.g. `h = {_name(inv.waiting)}`) "
+                    "before calling backward(), then use h.grad")
             if paused_for_module and not inv.waited_across:
                 raise _out_of_order(inv.waiting, inv.last_event)
             self._defer(inv)
