@@ -17,11 +17,12 @@ _OWN = ("output", "input", "inputs")
 
 
 class Envoy:
-    def __init__(self, module: torch.nn.Module, path: str, root):
+    def __init__(self, module: torch.nn.Module, path: str, root, of=None):
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_of", of)  # the invoke whose rows this tree reads, if not the current one
 
     # -- walking the tree ------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -46,7 +47,7 @@ class Envoy:
 
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
         path = f"{self._path}.{name}" if self._path else name
-        envoy = Envoy(module, path, self._root)
+        envoy = Envoy(module, path, self._root, self._of)
         self._children[name] = envoy
         return envoy
 
@@ -80,12 +81,18 @@ class Envoy:
     @property
     def output(self):
         """What this module returned, for the current invoke."""
-        return self._invoke().value((self._path, "output"))
+        return self._read((self._path, "output"))
 
     @property
     def inputs(self):
         """(args, kwargs) this module was called with, for the current invoke."""
-        return self._invoke().value((self._path, "input"))
+        return self._read((self._path, "input"))
+
+    def _read(self, event):
+        inv = self._invoke()
+        if self._of is None or self._of is inv:
+            return inv.value(event)
+        return inv.value_of(self._of, event)
 
     @property
     def input(self):
@@ -99,6 +106,10 @@ class Envoy:
 
     def __setattr__(self, name, value):
         inv = self._invoke() if name in _OWN else None
+        if inv is not None and self._of is not None and self._of is not inv:
+            raise NNPatchError(
+                f"{self._path or 'model'}.{name} of another invoke is read-only here; set it on "
+                "the model inside that invoke, or copy its value into this invoke's module")
         if name == "output":
             inv.set_value((self._path, "output"), value)
         elif name == "input":

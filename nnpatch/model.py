@@ -39,6 +39,20 @@ class Model(Envoy):
         from .tracing import Tracer
         return Tracer(self, inputs, kwargs)
 
+    def of(self, invoke) -> Envoy:
+        """The module tree as another invoke of the same trace sees it (read-only).
+
+        Inside one invoke, `model.of(clean).transformer.h[3].output` waits for layer 3 and
+        returns the `clean` invoke's rows there, e.g. to patch them in:
+
+            with model.trace() as tracer:
+                with tracer.invoke(clean_prompt) as clean:
+                    pass
+                with tracer.invoke(corrupt_prompt):
+                    model.transformer.h[3].output[:] = model.of(clean).transformer.h[3].output
+        """
+        return Envoy(self._module, "", self, invoke)
+
     def __call__(self, *args, **kwargs):
         """Run the wrapped module untraced."""
         return self._module(*args, **kwargs)

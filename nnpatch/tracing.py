@@ -276,6 +276,21 @@ class Invoke:
         self.last_event = event
         return view
 
+    def value_of(self, other: "Invoke", event: Event):
+        """Another invoke's rows of a module value, read from this invoke."""
+        if other.pass_ is not self.pass_:
+            raise NNPatchError(
+                f"invoke {other.index} is not part of this forward pass, so its {_name(event)} "
+                "cannot be read here; read it inside that invoke and assign it to a variable")
+        p = self.pass_
+        if p.current != event:
+            if event in p.fired:
+                raise _out_of_order(event, self.last_event)
+            p.wait_event(self, event)
+            self.pause(event)
+        self.last_event = event
+        return p.view(other, event)
+
     def set_value(self, event: Event, value) -> None:
         current = self.value(event)
         if self.pass_.current != event:

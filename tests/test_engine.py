@@ -355,3 +355,23 @@ def test_trace_in_an_ipython_cell(lm):
     result = ip.run_cell("with lm.trace(A):\n    cell_h = lm.lm_head.output.save()\n")
     assert result.success, result.error_in_exec
     assert ip.user_ns["cell_h"].shape[:2] == (1, 6)
+
+
+def test_reading_another_invokes_rows_by_module(lm, hf):
+    _, clean = run_with_hooks(hf, A)
+    ref, _ = run_with_hooks(hf, B, {1: lambda h: torch.cat([h[:, :5], clean[1][:, 5:]], 1)})
+    layers = block_envoys(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke(A) as clean_run:
+            pass
+        with tracer.invoke(B):
+            other = lm.of(clean_run)
+            layers[1].output[:, 5] = block_envoys(other)[1].output[:, 5]
+            patched = lm.output.logits.save()
+    assert close(patched, ref)
+    with pytest.raises(nnpatch.NNPatchError, match="read-only"):
+        with lm.trace() as tracer:
+            with tracer.invoke(A) as clean_run:
+                pass
+            with tracer.invoke(B):
+                block_envoys(lm.of(clean_run))[1].output = 0
