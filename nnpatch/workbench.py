@@ -172,9 +172,12 @@ class Workbench(ipywidgets.VBox):
     def _show_heatmap(self, new: bool = False):
         fig = self.controller.figure()
         if new:
+            # The page applies a new layout as a relayout, which adds and changes but never
+            # removes: the old boxes must go first.
+            self.heatmap.layout.shapes = ()
             self.heatmap.data = []
             self.heatmap.add_traces(fig.data)
-            self.heatmap.update(layout=fig.layout.to_plotly_json(), overwrite=True)
+            self.heatmap.layout = fig.layout
             for trace in self.heatmap.data:
                 trace.on_click(self._on_cell_click)
             self._heatmap_box.layout.display = None
