@@ -19,6 +19,7 @@ import ast
 import linecache
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
 
 from .errors import NNPatchError
@@ -95,8 +96,20 @@ def compile_source(source: str, filename: str = "<nnpatch>", mode: str = "exec")
     return compile(source, filename, mode)
 
 
+_BY_CODE: "weakref.WeakKeyDictionary[types.CodeType, dict]" = weakref.WeakKeyDictionary()
+
+
 def trace_program(frame: types.FrameType, implicit_invoke: bool) -> TraceProgram:
     """The compiled program of the trace whose `with` statement `frame` is executing."""
+    # A code object's source cannot change, so programs are kept per code object and line.
+    per_code = _BY_CODE.setdefault(frame.f_code, {})
+    program = per_code.get((frame.f_lineno, implicit_invoke))
+    if program is None:
+        program = per_code[(frame.f_lineno, implicit_invoke)] = _program_from_source(frame, implicit_invoke)
+    return program
+
+
+def _program_from_source(frame: types.FrameType, implicit_invoke: bool) -> TraceProgram:
     filename, source = source_of(frame)
     lineno = frame.f_lineno
     key = (filename, hash(source), lineno, implicit_invoke)

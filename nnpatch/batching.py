@@ -33,6 +33,8 @@ class Rows:
         """This invoke's view of a batched tensor (a view: in-place edits reach the batch)."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch_size:
             return x
+        if self.start == 0 and self.stop == batch_size and not self.pad:
+            return x  # the whole batch is this invoke's
         x = x[self.start:self.stop]
         if self.pad and x.dim() >= 2 and x.shape[1] == self.seq_len:
             x = x[:, self.pad:]
@@ -105,6 +107,13 @@ def _cat(values: list, what: str):
     raise NNPatchError(f"the invokes' {what} differ and are not tensors, so they cannot be batched")
 
 
+def invoke_rows(tokenizer, value):
+    """Like token_rows, but an unpadded id tensor stays a tensor (no round trip through lists)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.long and value.dim() in (1, 2):
+        return value.reshape(-1, value.shape[-1])
+    return token_rows(tokenizer, value)
+
+
 def token_rows(tokenizer, value) -> list[list[int]]:
     """The token ids of every prompt in one invoke's input, without padding."""
     if isinstance(value, str):
@@ -133,8 +142,18 @@ def token_rows(tokenizer, value) -> list[list[int]]:
         "token ids (list or tensor), or a tokenizer output")
 
 
-def batch_prompts(tokenizer, invokes: list[list[list[int]]], pad_id: int, accepts: set[str]) -> Batch:
+def batch_prompts(tokenizer, invokes: list, pad_id: int, accepts: set[str]) -> Batch:
     """Left-pad every invoke's prompts to the longest prompt of the batch."""
+    if all(isinstance(rows, torch.Tensor) for rows in invokes) and \
+            len({rows.shape[1] for rows in invokes}) == 1 and invokes[0].shape[1] > 0:
+        ids = torch.cat(invokes) if len(invokes) > 1 else invokes[0]  # nothing to pad
+        T, rows, start = ids.shape[1], [], 0
+        for block in invokes:
+            rows.append(Rows(start, start + block.shape[0], 0, T))
+            start += block.shape[0]
+        kwargs = {"input_ids": ids, **({"use_cache": False} if "use_cache" in accepts else {})}
+        return Batch((), kwargs, rows, start)
+    invokes = [rows.tolist() if isinstance(rows, torch.Tensor) else rows for rows in invokes]
     seqs = [s for rows in invokes for s in rows]
     if not seqs or any(len(s) == 0 for s in seqs):
         raise NNPatchError("an invoke has an empty prompt: every prompt needs at least one token")

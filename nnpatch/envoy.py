@@ -74,8 +74,13 @@ class Envoy:
             yield self[name]
 
     def _resolve(self, path: str) -> torch.nn.Module:
-        from ._hooks import resolve
-        return resolve(self._module, path)
+        """The module at a path below this one (cached: hooks are registered by path often)."""
+        cache = self.__dict__.setdefault("_by_path", {})
+        module = cache.get(path)
+        if module is None:
+            from ._hooks import resolve
+            module = cache[path] = resolve(self._module, path)
+        return module
 
     # -- live values -----------------------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .batching import Batch, batch_generic, batch_prompts, forward_parameters, token_rows
+from .batching import Batch, batch_generic, batch_prompts, forward_parameters, invoke_rows, token_rows
 from .envoy import Envoy
 from .errors import NNPatchError
 
@@ -97,7 +97,7 @@ class LanguageModel(Model):
                     "a LanguageModel invoke takes exactly one input (a prompt, a list of prompts, "
                     f"token ids or a tokenizer output), got {len(args)} positional and "
                     f"{sorted(kwargs)} keyword inputs")
-            rows.append(token_rows(self.tokenizer, args[0]))
+            rows.append(invoke_rows(self.tokenizer, args[0]))
         return batch_prompts(self.tokenizer, rows, self._pad_id(), self._accepts)
 
     def _pad_id(self) -> int:

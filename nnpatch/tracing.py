@@ -387,12 +387,11 @@ class _Pass:
         """A no-op hook on every ancestor of a hooked module. PyTorch decides when a module's
         call starts whether to look for hooks at all; with a sentinel in place, an ancestor's
         output can still be asked for while its children run."""
-        parts = path.split(".") if path else []
-        for n in range(len(parts)):
-            ancestor = ".".join(parts[:n])
-            if ancestor not in self.sentinels:
-                module = self.model._resolve(ancestor)
-                self.sentinels[ancestor] = module.register_forward_pre_hook(_no_op)
+        while path:
+            path = path.rpartition(".")[0]
+            if path in self.sentinels:
+                return  # its ancestors got theirs with it
+            self.sentinels[path] = self.model._resolve(path).register_forward_pre_hook(_no_op)
 
     def wait_name(self, reader: Invoke, producer: Invoke, name: str) -> None:
         self.name_waiting[(producer.index, name)].append(reader)
