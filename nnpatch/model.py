@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .batching import Batch, batch_generic, batch_prompts, forward_parameters, invoke_rows, token_rows
+from .batching import Batch, map_tensors, batch_generic, batch_prompts, forward_parameters, invoke_rows, token_rows
 from .envoy import Envoy
 from .errors import NNPatchError
 
@@ -63,7 +63,20 @@ class Model(Envoy):
         return batch_generic(invokes)
 
     def _forward(self, batch: Batch):
-        return self._module(*batch.args, **batch.kwargs)
+        device = self._input_device()
+        args, kwargs = map_tensors(lambda t: t.to(device), (batch.args, batch.kwargs))
+        return self._module(*args, **kwargs)
+
+    def _input_device(self) -> torch.device:
+        """Where the model wants its inputs: its input embedding's device, else its first
+        parameter's (so a model moved to CUDA takes prompts tokenized on the CPU)."""
+        try:
+            return self._module.get_input_embeddings().weight.device
+        except (AttributeError, NotImplementedError):
+            pass
+        for p in self._module.parameters():
+            return p.device
+        return torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self._module).__name__})"

@@ -25,6 +25,7 @@ import torch
 
 from . import _source
 from ._hooks import attach
+from ._source import compile_source  # noqa: F401 - public: traces in exec'd strings
 from .batching import Rows, map_tensors
 from .errors import NNPatchError
 
@@ -59,7 +60,10 @@ class Tracer:
     def __enter__(self):
         frame = sys._getframe(1)
         self._frame = frame
-        self._program = _source.trace_program(frame, implicit_invoke=self._inputs is not None)
+        try:
+            self._program = _source.trace_program(frame, implicit_invoke=self._inputs is not None)
+        except NNPatchError as e:
+            raise NNPatchError(str(e)) from None
         self._previous_tracer = _source.skip_body(frame)
         return self
 

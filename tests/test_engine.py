@@ -375,3 +375,21 @@ def test_reading_another_invokes_rows_by_module(lm, hf):
                 pass
             with tracer.invoke(B):
                 block_envoys(lm.of(clean_run))[1].output = 0
+
+
+def test_prompt_lists_token_ids_and_tokenizer_outputs(lm, hf, tok):
+    ref_a, seen_a = run_with_hooks(hf, A)
+    ref_s, seen_s = run_with_hooks(hf, SHORT)
+    layers = block_envoys(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke([SHORT, A]):                          # two prompts, one invoke
+            both = layers[1].output.save()
+            both_logits = lm.output.logits.save()
+        with tracer.invoke(tok(SHORT, return_tensors="pt")):     # a tokenizer output
+            enc = lm.output.logits.save()
+        with tracer.invoke(ids(A)[0]):                           # a 1-D id tensor
+            raw = lm.output.logits.save()
+    assert both.shape[:2] == (2, 6)                              # padded to its own longest prompt
+    assert close(both[1], seen_a[1][0], 1e-4) and close(both[0, 3:], seen_s[1][0], 1e-4)
+    assert close(both_logits[0, -1], ref_s[0, -1], 1e-4)
+    assert close(enc, ref_s, 1e-4) and close(raw, ref_a, 1e-4)
