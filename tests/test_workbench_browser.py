@@ -1,0 +1,259 @@
+"""The workbench in a real browser: JupyterLab 4 headless, Debian's chromium driven by Playwright.
+
+The test opens tests/data/workbench.ipynb (a Workbench on the bundled ioi model), clicks Run,
+clicks a heatmap cell, selects two cells and patches them together, shows the code, and checks
+that every number the page shows equals what nnpatch's Python API computes in this process.
+Then it feeds the app bad input and checks that it answers with a message, not a traceback, and
+still runs. Screenshots go to out/screenshots/.
+
+Needs chromium (`apt-get install -y chromium`), playwright and jupyterlab (the `test` extra).
+Without them the test fails in CI (CI=true installs them, see .ci/run) and is skipped elsewhere.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import nnpatch
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = Path(__file__).parent / "data" / "workbench.ipynb"
+SCREENSHOTS = ROOT / "out" / "screenshots"
+PAIR = nnpatch.tasks.ioi(4, seed=1, template=0)[0]  # the notebook's first example
+INSPECT = (0, PAIR.meta["s2"])  # the second mention of S, where clean and corrupt differ
+SELECT = [(1, PAIR.meta["s2"]), (3, PAIR.meta["end"])]
+WAIT_MS = 60_000  # every wait on the page is bounded by this
+TOL = 1e-4
+
+
+def _needs():
+    """Chromium and the Playwright driver, or skip (fail in CI) saying what is missing."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    missing = [] if chromium else ["chromium (apt-get install -y chromium)"]
+    missing += [f"{m} (pip install '.[test]')" for m in ("playwright", "jupyterlab") if importlib.util.find_spec(m) is None]
+    if missing:
+        why = "the browser test needs " + ", ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(why + "; CI installs them in .ci/run")
+        pytest.skip(why)
+    return chromium
+
+
+@contextlib.contextmanager
+def jupyterlab(root: Path):
+    """A headless JupyterLab serving `root` on a free 127.0.0.1 port, with a random token."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(16)
+    home = Path(tempfile.mkdtemp(prefix="nnpatch-lab-"))
+    # No news or update pop-ups over the page (the network is closed anyway).
+    settings = home / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+               JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+               # One torch thread in the kernel: on a shared CI machine more threads only spin.
+               OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            "--LabApp.expose_app_in_browser=True"]  # lets the test run notebook commands
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")
+    log = open(home / "lab.log", "w")
+    server = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("JupyterLab did not start:\n" + (home / "lab.log").read_text()[-3000:])
+                time.sleep(0.25)
+        yield url, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+KERNEL_IDLE = """() => {
+  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return !!kernel && kernel.connectionStatus === "connected" && kernel.status === "idle";
+}"""
+
+SHAPES = ".nnpatch-workbench .js-plotly-plot .shapelayer path"  # the boxes around selected cells
+
+# Page coordinates of heatmap cell (row, col), from plotly's own axes (category axes put cell i at i).
+CELL_XY = """([row, col]) => {
+  const plot = document.querySelector(".nnpatch-workbench .js-plotly-plot");
+  const box = plot.getBoundingClientRect(), x = plot._fullLayout.xaxis, y = plot._fullLayout.yaxis;
+  return [box.left + x._offset + x.l2p(col), box.top + y._offset + y.l2p(row)];
+}"""
+
+
+@contextlib.contextmanager
+def notebook_page(chromium: str, url: str, token: str, notebook: str):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 2200})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{url}/lab/tree/{notebook}?token={token}")
+            page.wait_for_function(KERNEL_IDLE)
+            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            yield page
+        finally:
+            browser.close()
+
+
+def click_cell(page, cell, shift=False):
+    x, y = page.evaluate(CELL_XY, list(cell))
+    page.mouse.move(x, y)
+    page.wait_for_timeout(200)  # plotly picks the point under the mouse on hover
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")
+
+
+def shown(page, selector) -> float:
+    return float(page.get_attribute(selector, "data-value"))
+
+
+def assert_close(a, b, tol=TOL):
+    assert abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b))), (a, b)
+
+
+def assert_outcome_shown(page, panel, api, tokenizer, heatmap_value=None):
+    """The scores and top-k of `panel` (.nnp-detail or .nnp-combined) equal a PatchedRun's."""
+    for key in ("clean_score", "corrupt_score", "patched_score"):
+        assert_close(shown(page, f"{panel} .nnp-{key}"), getattr(api, key))
+    assert_close(shown(page, f"{panel} .nnp-normalized"), api.score)
+    if heatmap_value is not None:
+        assert_close(shown(page, f"{panel} .nnp-heatmap_value"), heatmap_value)
+    rows = page.locator(f"{panel} .nnp-topk tr[data-rank]")
+    for run_i, run in enumerate(("clean", "corrupt", "patched")):
+        probs = torch.softmax(getattr(api, f"{run}_logits")[0], -1)
+        top = probs.topk(rows.count())
+        for rank in range(rows.count()):
+            cells = rows.nth(rank).locator("td")
+            assert cells.nth(2 * run_i).inner_text() == tokenizer.decode([int(top.indices[rank])])
+            assert_close(float(cells.nth(2 * run_i + 1).get_attribute("data-value")), top.values[rank])
+
+
+def test_workbench_in_jupyterlab(tmp_path):
+    chromium = _needs()
+    model = nnpatch.models.load("ioi")
+    options = dict(answer=PAIR.answer, wrong=PAIR.wrong, metric="logit_diff", site="resid_pre", by=("layer", "pos"))
+    result = nnpatch.activation_patching(model, PAIR.clean, PAIR.corrupt, progress=False, **options)
+    inspected = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, [INSPECT], **options)
+    together = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, sorted(SELECT), **options)
+
+    shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with jupyterlab(tmp_path) as (url, token), notebook_page(chromium, url, token, NOTEBOOK.name) as page:
+        try:
+            # Set-up: the first example is loaded, tokens previewed, pickers filled.
+            page.wait_for_selector(".nnp-controls .nnp-run")
+            page.wait_for_function("(a) => document.querySelector('.nnp-controls input.nnp-answer').value === a", arg=PAIR.answer)
+            assert page.input_value(".nnp-controls input.nnp-wrong") == PAIR.wrong
+            assert page.input_value(".nnp-controls textarea.nnp-clean") == PAIR.clean
+            clean_tokens = page.locator(".nnp-tokens tr[data-prompt=clean] td")
+            assert [clean_tokens.nth(i).inner_text() for i in range(clean_tokens.count())] == \
+                model.to_str_tokens(PAIR.clean)
+            assert page.locator(".nnp-tokens td.nnp-differ").count() == 2  # position s2, both rows
+
+            # Run: the heatmap and the scores are the API's.
+            page.click(".nnp-controls .nnp-run")
+            page.wait_for_selector(".nnpatch-workbench .js-plotly-plot .nsewdrag")
+            page.wait_for_selector(".nnp-summary .nnp-clean_score")
+            assert_close(shown(page, ".nnp-summary .nnp-clean_score"), result.clean_score)
+            assert_close(shown(page, ".nnp-summary .nnp-corrupt_score"), result.corrupt_score)
+            z = page.evaluate("() => document.querySelector('.nnpatch-workbench .js-plotly-plot').data[0].z")
+            assert torch.allclose(torch.tensor(z, dtype=torch.float32), result.values, atol=TOL)
+
+            # Hover shows a cell's value; a click shows its detail: patch_cells of that cell alone.
+            x, y = page.evaluate(CELL_XY, list(INSPECT))
+            page.mouse.move(x, y)
+            hover = page.wait_for_selector(".nnpatch-workbench .hoverlayer .hovertext").text_content()
+            assert result.labels["pos"][INSPECT[1]] in hover
+            assert any(abs(float(x) - float(result.values[INSPECT])) < 1e-3 for x in re.findall(r"-?\d+\.\d+", hover))
+            click_cell(page, INSPECT)
+            page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{json.dumps(list(INSPECT), separators=(',', ':'))}']")
+            assert_outcome_shown(page, ".nnp-detail", inspected, model.tokenizer, heatmap_value=result.values[INSPECT])
+
+            # Select two cells (select mode, then shift-click), patch them together.
+            page.click(".nnp-mode-select")
+            click_cell(page, SELECT[0])
+            page.wait_for_selector(".nnp-chip >> nth=0")
+            page.click(".nnp-mode-inspect")
+            click_cell(page, SELECT[1], shift=True)
+            page.wait_for_function("() => document.querySelectorAll('.nnp-chip').length === 2")
+            page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 3")  # 2 boxes, 1 outline
+            assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == json.dumps(list(INSPECT), separators=(",", ":"))
+            page.click(".nnp-patch")
+            page.wait_for_selector(".nnp-combined .nnp-normalized")
+            assert_outcome_shown(page, ".nnp-combined", together, model.tokenizer)
+
+            # Show code: running it reproduces the numbers on the page.
+            page.click(".nnp-show-code")
+            page.wait_for_selector(".nnp-code:not([hidden])")
+            namespace = {}
+            exec(compile(page.inner_text(".nnp-code"), "<shown code>", "exec"), namespace)  # noqa: S102
+            assert torch.allclose(namespace["result"].values, result.values, atol=TOL)
+            assert_close(namespace["cell"].score, shown(page, ".nnp-detail .nnp-normalized"))
+            assert_close(namespace["patched"].score, shown(page, ".nnp-combined .nnp-normalized"))
+            page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench.png"))
+
+            # Bad input: a message in the app, never a traceback, and the app keeps working.
+            page.fill(".nnp-controls textarea.nnp-corrupt", PAIR.corrupt + " Mary")
+            page.wait_for_selector(".nnp-warning:has-text('differ in length')")
+            assert page.locator(".nnp-tokens td.nnp-extra").count() == 1
+            page.locator(".nnp-controls").screenshot(path=str(SCREENSHOTS / "workbench-length-warning.png"))
+            page.click(".nnp-controls .nnp-run")
+            page.wait_for_selector(".nnp-controls .nnp-message:has-text('differ in length')")
+            page.fill(".nnp-controls textarea.nnp-clean", "")
+            page.click(".nnp-controls .nnp-run")
+            page.wait_for_selector(".nnp-controls .nnp-message:has-text('clean prompt is empty')")
+            page.fill(".nnp-controls input.nnp-answer", " Maryx")
+            page.select_option(".nnp-controls select.nnp-pair", "1")  # the second example
+            page.wait_for_function("(c) => document.querySelector('.nnp-controls textarea.nnp-clean').value === c",
+                                   arg=nnpatch.tasks.ioi(4, seed=1, template=0)[1].clean)
+            before = page.text_content(".nnp-summary")
+            page.click(".nnp-controls .nnp-run")
+            page.wait_for_function("(old) => document.querySelector('.nnp-summary').textContent !== old", arg=before)
+            assert page.locator(".nnp-controls .nnp-message").is_hidden()
+            assert page.locator(".nnp-inspector .nnp-chip").count() == 0  # a new run starts afresh
+            page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 0")
+            assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
+        except Exception:
+            page.screenshot(path=str(SCREENSHOTS / "workbench-failure.png"))
+            raise
