@@ -12,7 +12,7 @@ Example:
     >>> clean = "When Mary and John went to the store, John gave a drink to"
     >>> corrupt = "When Mary and John went to the store, Mary gave a drink to"
     >>> result = ctl.run(Settings(clean, corrupt, answer=" Mary", wrong=" John"))
-    >>> ctl.inspect((3, 9)).normalized == float(result.values[3, 9])
+    >>> round(ctl.inspect((0, 9)).normalized, 3) == round(float(result.values[0, 9]), 3)  # S2, layer 0
     True
     >>> print(ctl.code())                                  # doctest: +SKIP
 """

@@ -144,6 +144,11 @@ def click_cell(page, cell, shift=False):
         page.keyboard.up("Shift")
 
 
+def cell_attr(cell) -> str:
+    """A cell as the page writes it in data-cell (JSON.stringify of the list)."""
+    return json.dumps(list(cell), separators=(",", ":"))
+
+
 def shown(page, selector) -> float:
     return float(page.get_attribute(selector, "data-value"))
 
@@ -182,7 +187,7 @@ def test_workbench_in_jupyterlab(tmp_path):
     with jupyterlab(tmp_path) as (url, token), notebook_page(chromium, url, token, NOTEBOOK.name) as page:
         try:
             # Set-up: the first example is loaded, tokens previewed, pickers filled.
-            page.wait_for_selector(".nnp-controls .nnp-run")
+            page.wait_for_selector(".nnp-controls .nnp-run", timeout=2 * WAIT_MS)  # kernel start, model load
             page.wait_for_function("(a) => document.querySelector('.nnp-controls input.nnp-answer').value === a", arg=PAIR.answer)
             assert page.input_value(".nnp-controls input.nnp-wrong") == PAIR.wrong
             assert page.input_value(".nnp-controls textarea.nnp-clean") == PAIR.clean
@@ -207,7 +212,7 @@ def test_workbench_in_jupyterlab(tmp_path):
             assert result.labels["pos"][INSPECT[1]] in hover
             assert any(abs(float(x) - float(result.values[INSPECT])) < 1e-3 for x in re.findall(r"-?\d+\.\d+", hover))
             click_cell(page, INSPECT)
-            page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{json.dumps(list(INSPECT), separators=(',', ':'))}']")
+            page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
             assert_outcome_shown(page, ".nnp-detail", inspected, model.tokenizer, heatmap_value=result.values[INSPECT])
 
             # Select two cells (select mode, then shift-click), patch them together.
@@ -218,7 +223,7 @@ def test_workbench_in_jupyterlab(tmp_path):
             click_cell(page, SELECT[1], shift=True)
             page.wait_for_function("() => document.querySelectorAll('.nnp-chip').length === 2")
             page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 3")  # 2 boxes, 1 outline
-            assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == json.dumps(list(INSPECT), separators=(",", ":"))
+            assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == cell_attr(INSPECT)
             page.click(".nnp-patch")
             page.wait_for_selector(".nnp-combined .nnp-normalized")
             assert_outcome_shown(page, ".nnp-combined", together, model.tokenizer)
@@ -243,10 +248,14 @@ def test_workbench_in_jupyterlab(tmp_path):
             page.fill(".nnp-controls textarea.nnp-clean", "")
             page.click(".nnp-controls .nnp-run")
             page.wait_for_selector(".nnp-controls .nnp-message:has-text('clean prompt is empty')")
-            page.fill(".nnp-controls input.nnp-answer", " Maryx")
+            second = nnpatch.tasks.ioi(4, seed=1, template=0)[1]
             page.select_option(".nnp-controls select.nnp-pair", "1")  # the second example
             page.wait_for_function("(c) => document.querySelector('.nnp-controls textarea.nnp-clean').value === c",
-                                   arg=nnpatch.tasks.ioi(4, seed=1, template=0)[1].clean)
+                                   arg=second.clean)
+            page.fill(".nnp-controls input.nnp-answer", " Maryx")
+            page.click(".nnp-controls .nnp-run")
+            page.wait_for_selector(".nnp-controls .nnp-message:has-text(\"' Maryx' is not in the model's vocabulary\")")
+            page.fill(".nnp-controls input.nnp-answer", second.answer)
             before = page.text_content(".nnp-summary")
             page.click(".nnp-controls .nnp-run")
             page.wait_for_function("(old) => document.querySelector('.nnp-summary').textContent !== old", arg=before)
