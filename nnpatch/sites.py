@@ -168,6 +168,12 @@ class Sites(Mapping):
                 f"Available sites: {', '.join(self._table)}") from None
         return self._table[name]
 
+    def __contains__(self, name) -> bool:
+        return name in self._table
+
+    def get(self, name, default=None):
+        return self._table.get(name, default)
+
     def __iter__(self):
         return iter(self._table)
 

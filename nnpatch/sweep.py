@@ -88,6 +88,14 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
         for engine in engines:
             rows = [_Row(pair, (patch,), cell) for cell, patch in enumerate(cells)
                     for pair in range(engine.group.n)]
+            idle, live = [], []
+            for r in rows:
+                (idle if engine.unchanged(r) else live).append(r)
+            if idle:  # these runs would reproduce the base run
+                pairs = [r.pair for r in idle]
+                sink.add(engine.group, idle, job.metric.row_stats(engine.base_logits[pairs], engine.group, pairs))
+                bar.update(len(idle))
+            rows = live
             for chunk in engine.chunks(rows, batch_size, memory_budget):
                 out = engine.run(chunk, job.metric.mode)
                 sink.add(engine.group, chunk, job.metric.row_stats(out, engine.group, [r.pair for r in chunk]))
@@ -630,13 +638,38 @@ class _Engine:
         self.source_values = values  # layer -> [n, pos, d]
 
         resid: dict[int, torch.Tensor] = {}
+        base_values: dict[int, torch.Tensor] = {}
         block_site = [Site(f"{job.table.blocks}.{i}", "input", 0, None, i) for i in range(job.table.n_layers)]
         specs = [(s.path, "input", _keeper(s, resid, i)) for i, s in enumerate(block_site)]
+        specs += [(job.sites[layer].path, job.sites[layer].kind, _keeper(job.sites[layer], base_values, layer))
+                  for layer in layers]
         specs.append((f"{job.table.blocks}.0", "output", self._note_block_output))
         with torch.no_grad(), hooks(job.module, specs):
             base_logits, self.cache = self._forward(group.base_ids, want_cache=self.kv)
         self.base_resid = resid  # layer -> [n, pos, d], the input of each block in the base run
+        self.base_logits = base_logits  # [n, vocab]
+        # Where source and base agree exactly (in a causal model: every position before the first
+        # token that differs), a patch changes nothing and its run can be skipped.
+        self.same = {}
+        for layer in layers:
+            src, base = values[layer], base_values[layer]
+            heads = job.sites[layer].heads
+            if heads:
+                src, base = src.reshape(*src.shape[:-1], heads, -1), base.reshape(*base.shape[:-1], heads, -1)
+            self.same[layer] = (src == base).all(-1).cpu()  # [n, pos] or [n, pos, head]
         self.set_scores(source_logits, base_logits)
+
+    def unchanged(self, row: "_Row") -> bool:
+        """Whether every patch of the row writes the value that is already there."""
+        for p in row.patches:
+            same = self.same[p.layer][row.pair]
+            if p.pos is not None:
+                same = same[p.pos]
+            if p.head is not None:
+                same = same[..., p.head]
+            if not bool(same.all()):
+                return False
+        return True
 
     def set_scores(self, source_logits, base_logits) -> None:
         denoise = self.job.direction == "denoise"
@@ -743,6 +776,14 @@ class _Engine:
         for layer, patch in self._patches(rows, pairs, start_pos).items():
             site = job.sites[layer]
             specs.append((site.path, site.kind, _patch_hook(site, patch)))
+        last = job.table.n_layers - 1
+        if self.kv and all(p.layer < last for r in rows for p in r.patches):
+            # In the last block only the last position reaches the logits: its attention output
+            # projection and MLP run on that position alone, and the residual adds broadcast.
+            for name in ("head_out", "mlp_out"):
+                if name in job.table:
+                    trimmed = Site(job.table[name][last].path, "input")
+                    specs.append((trimmed.path, "input", _replace_input(trimmed, lambda x: x[:, -1:])))
         cache = self._prefix_cache(pairs, start_pos) if start_pos > 0 else None
         with torch.no_grad(), hooks(job.module, specs), _skipping(self.job.module, job.table.blocks,
                                                                   start_layer, self.block_out_len):

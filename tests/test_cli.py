@@ -1,0 +1,74 @@
+"""The `nnpatch` command, with the bundled-model loader and task pairs swapped for tiny ones."""
+import sys
+import types
+
+import pytest
+import torch
+
+import conftest
+import nnpatch
+from nnpatch import cli
+from nnpatch.result import PatchingResult
+
+
+class Pairs:
+    clean = ["t1 t2 t3 t4 t5", "t8 t2 t3 t4 t9"]
+    corrupt = ["t1 t7 t3 t4 t5", "t8 t6 t3 t4 t9"]
+    answer = ["t5", "t10"]
+    wrong = ["t6", "t11"]
+
+
+@pytest.fixture
+def tiny(monkeypatch, tok):
+    loaded = []
+
+    def load(name):
+        loaded.append(name)
+        return nnpatch.LanguageModel(conftest.gpt2(), tokenizer=tok)
+
+    monkeypatch.setattr(nnpatch.models, "load", load)
+    monkeypatch.setattr(nnpatch.tasks, "ioi", lambda n, **kw: Pairs())
+    return loaded
+
+
+def test_sweep_prints_a_heatmap_and_writes_html(tiny, tmp_path, capsys):
+    out, saved = tmp_path / "r.html", tmp_path / "r.safetensors"
+    assert cli.main(["sweep", "--out", str(out), "--save", str(saved)]) == 0
+    assert tiny == ["ioi"]
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].split() == ["t1", "t2/t7", "t3", "t4", "t5"]
+    assert [line.split()[0] for line in lines[1:4]] == ["L0", "L1", "L2"]
+    assert "Activation patching of resid_pre" in text and f"wrote {out}" in text
+    html = out.read_text()
+    assert "plotly" in html and "t2\\u002ft7" in html  # plotly escapes "/" in its JSON
+    result = PatchingResult.load(saved)
+    want = nnpatch.activation_patching(nnpatch.models.load("ioi"), Pairs(), progress=False)
+    assert torch.allclose(result.values, want.values, atol=1e-5)
+
+
+def test_sweep_on_given_prompts_with_options(tiny, tmp_path, capsys):
+    args = ["sweep", "--clean", "t1 t2 t3", "--corrupt", "t1 t4 t3", "--answer", "t5", "--wrong", "t6",
+            "--site", "head_out", "--by", "layer,head", "--attribution", "--out", str(tmp_path / "h.html")]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["H0", "H1", "H2", "H3"]
+    assert "Attribution patching of head_out by layer x head" in lines[4]
+
+
+def test_sweep_errors_are_one_line(tiny, capsys):
+    assert cli.main(["sweep", "--clean", "t1 t2"]) == 2
+    assert "give both --clean and --corrupt" in capsys.readouterr().err
+    assert cli.main(["sweep", "--site", "resid_middle"]) == 2
+    assert "Available sites" in capsys.readouterr().err
+    assert cli.main(["sweep", "--model", "other"]) == 2
+    assert "no default prompt pairs" in capsys.readouterr().err
+
+
+def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setitem(sys.modules, "jupyterlab", types.ModuleType("jupyterlab"))
+    assert cli.main(["lab", "--dir", str(tmp_path)]) == 0
+    assert calls == [[sys.executable, "-m", "jupyterlab", f"--notebook-dir={tmp_path}"]]
+    assert cli.main(["lab", "--dir", str(tmp_path / "missing")]) == 2
