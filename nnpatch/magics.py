@@ -1,0 +1,576 @@
+"""IPython magics: `%%trace`, `%%patch` and `%patch_sweep`, thin entry points to nnpatch's API.
+
+`%load_ext nnpatch` registers them. Each magic parses its line, calls the public Python API on
+objects from the notebook namespace, and displays what comes back; everything it does can be
+written in plain Python (each magic's docstring shows how).
+
+    In [1]: %load_ext nnpatch
+       ...: import nnpatch
+       ...: model = nnpatch.models.load("ioi")
+       ...: pairs = nnpatch.tasks.ioi(8, template=0)
+
+    In [2]: %%trace model pairs.clean[0]
+       ...: resid = model.transformer.h[2].input[:, -1]
+       ...: logits = model.lm_head.output[:, -1]
+
+    In [3]: %patch_sweep model --clean pairs --site resid_pre --by layer,pos
+
+    In [4]: %%patch model --clean pairs
+       ...: model.transformer.h[2].input[:, -1] = clean.transformer.h[2].input[:, -1]
+
+Option values are Python expressions evaluated in the notebook (`--clean pairs[:4]`,
+`--answer " Mary"`); the line is split at spaces outside brackets and quotes, so
+`--clean nnpatch.tasks.ioi(8, template=0)` is one value. Mistakes in the magic line are
+one-line `UsageError`s; errors inside a cell show the cell's own lines.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import io
+import keyword
+import math
+import os
+import tokenize
+import types
+from dataclasses import dataclass
+
+import torch
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+
+from . import _source
+from .errors import NNPatchError
+from .model import Model
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register the magics (`%load_ext nnpatch` calls this)."""
+    ipython.register_magics(PatchingMagics)
+
+
+@magics_class
+class PatchingMagics(Magics):
+    """The nnpatch magics. Each one parses, calls the public API, and displays."""
+
+    @cell_magic
+    @no_var_expand
+    def trace(self, line: str, cell: str):
+        """%%trace MODEL [INPUT ...]: the cell is the body of a trace on MODEL.
+
+        With INPUT expressions the body is one invoke on them; without, it holds
+        `with tracer.invoke(...)` blocks (`tracer` is bound). The cell runs as
+
+            with MODEL.trace(INPUT, ...) as tracer:
+                <cell>
+
+        in the notebook namespace, so every variable it assigns lands there:
+
+            %%trace model "When Mary and John went to the store, John gave a drink to"
+            hidden = model.transformer.h[1].output[:, -1]
+
+            %%trace model
+            with tracer.invoke(clean_prompt) as clean:
+                pass
+            with tracer.invoke(corrupt_prompt):
+                model.transformer.h[1].output[:, -1] = model.of(clean).transformer.h[1].output[:, -1]
+                logits = model.lm_head.output[:, -1]
+        """
+        __tracebackhide__ = True
+        args = _parse(_TRACE, line)
+        self._model(args.model)
+        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + _indent(_body(cell, "%%trace"), 1)
+        # The `with` line stands where the magic line was, so the cell's lines keep their numbers
+        # and IPython can label them as the cell's own ("Cell In[5], line 3").
+        self._run(source, self.shell.compile.cache(source, self.shell.execution_count, raw_code=source))
+
+    @cell_magic
+    @no_var_expand
+    def patch(self, line: str, cell: str):
+        """%%patch MODEL --clean EXPR [--corrupt EXPR] [--answer TOK] [--wrong TOK] [--metric NAME] [--out NAME]
+
+        One trace with three invokes: the clean prompt, the corrupt prompt, and the corrupt prompt
+        again with the cell as its body. In the cell, `clean` and `corrupt` are the module trees
+        of the other two runs (`model.of(invoke)`), so a patch reads
+
+            %%patch model --clean pairs
+            model.transformer.h[2].input[:, -1] = clean.transformer.h[2].input[:, -1]
+
+        The result (a `PatchEffect`: the metric of each run, the normalised effect
+        (patched - corrupt) / (clean - corrupt), and each run's last-position logits) is displayed
+        and returned (so it lands in `_`), and stored in `--out NAME` too.
+
+        `--clean` gives prompts (a string, a list, token ids) or task pairs (with clean, corrupt,
+        answer and wrong lists, e.g. `nnpatch.tasks.ioi(8)`), from which `--corrupt`, `--answer`
+        and `--wrong` default. Otherwise the answer is the clean run's top-1 token and the wrong
+        token the corrupt run's. `--metric` is one of `nnpatch.sweep.METRICS` (default
+        "logit_diff": answer minus wrong logit) or the name of a function of the last-position
+        logits `[n, vocab]`. The notebook's own `clean`, `corrupt` and `tracer` are left as they
+        were. In plain Python:
+
+            with model.trace() as tracer:
+                with tracer.invoke(pairs.clean) as c:
+                    clean_logits = model.output.logits[:, -1]
+                with tracer.invoke(pairs.corrupt) as k:
+                    corrupt_logits = model.output.logits[:, -1]
+                with tracer.invoke(pairs.corrupt):
+                    clean, corrupt = model.of(c), model.of(k)
+                    model.transformer.h[2].input[:, -1] = clean.transformer.h[2].input[:, -1]
+                    patched_logits = model.output.logits[:, -1]
+        """
+        __tracebackhide__ = True
+        args = _parse(_PATCH, line)
+        model = self._model(args.model)
+        pairs = self._pairs(args)
+        metric = self._metric(args.metric)
+        answer, wrong = _token_ids(model, pairs.answer, "--answer"), _token_ids(model, pairs.wrong, "--wrong")
+        runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
+        source = _patch_source(args.model, _body(cell, "%%patch"))
+        filename = f"<%%patch In[{self.shell.execution_count}]>"
+        with _borrowed(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
+            self._run(source, filename)
+        logits = [_last_logits(getattr(runs, f"{which}_out"), args.model) for which in ("clean", "corrupt", "patched")]
+        result = PatchEffect.measure(model, metric, *logits, answer=answer, wrong=wrong)
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result
+
+    @line_magic
+    @no_var_expand
+    def patch_sweep(self, line: str):
+        """%patch_sweep MODEL --clean EXPR [--corrupt EXPR] [--site SITE] [--by layer,pos] [--metric NAME]
+        [--answer TOK] [--wrong TOK] [--direction denoise|noise] [--layers EXPR] [--attribution] [--out NAME]
+
+        Runs `nnpatch.activation_patching` (or `nnpatch.attribution_patching` with --attribution),
+        displays the heatmap (`result.plot()`) and returns the `PatchingResult` (so it lands in
+        `_`; `--out NAME` stores it there too). Without answers or task pairs, the answer is the
+        clean run's top-1 token and the wrong token the corrupt run's, as in %%patch.
+
+            %patch_sweep model --clean pairs --site attn_out --by layer,pos --out attn
+
+        is, in plain Python,
+
+            attn = nnpatch.activation_patching(model, pairs, site="attn_out", by=("layer", "pos"))
+            attn.plot()
+        """
+        args = _parse(_SWEEP, line)
+        model = self._model(args.model)
+        pairs = self._pairs(args)
+        metric = self._metric(args.metric)
+        layers = self._value(args.layers, "--layers") if args.layers else None
+        answer, wrong = pairs.answer, pairs.wrong
+        if (answer is None or wrong is None) and metric in ("logit_diff", "logit_diff_raw", "prob"):
+            top_clean, top_corrupt = _predictions(model, pairs.clean, pairs.corrupt)
+            answer = top_clean if answer is None else answer
+            wrong = top_corrupt if wrong is None else wrong
+        sweep = nnpatch_api().attribution_patching if args.attribution else nnpatch_api().activation_patching
+        try:
+            result = sweep(model, pairs.clean, pairs.corrupt, answer=answer, wrong=wrong, metric=metric,
+                           site=args.site, by=args.by, direction=args.direction, layers=layers)
+        except NNPatchError as e:
+            raise UsageError(f"%patch_sweep: {_one_line(e)}") from None
+        display(result.plot())
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result
+
+    # -- reading the notebook namespace -------------------------------------------------------
+    def _model(self, name: str) -> Model:
+        """The nnpatch model the notebook calls `name`."""
+        ns = self.shell.user_ns
+        if not all(part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")):
+            raise UsageError(f"MODEL must be the name of an nnpatch model in the notebook, got {name!r}")
+        try:
+            value = eval(name, ns)
+        except Exception:  # noqa: BLE001 - any failure means there is no such model
+            models = sorted(k for k, v in ns.items() if isinstance(v, Model) and not k.startswith("_"))
+            close = difflib.get_close_matches(name, models, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else (
+                f"; the models here are {', '.join(models)}" if models else
+                "; load one first, e.g. model = nnpatch.models.load('ioi')")
+            raise UsageError(f"no model named {name!r} in the notebook{hint}") from None
+        if not isinstance(value, Model):
+            fix = (f"wrap it first: {name} = nnpatch.LanguageModel({name}, tokenizer=...)"
+                   if isinstance(value, torch.nn.Module) else "give the name of an nnpatch model")
+            raise UsageError(f"{name!r} is a {type(value).__name__}, not an nnpatch model; {fix}")
+        return value
+
+    def _value(self, expr: str, option: str):
+        """An option's Python expression, evaluated in the notebook namespace."""
+        try:
+            return eval(expr, self.shell.user_ns)
+        except Exception as e:  # noqa: BLE001 - the user's expression; say what went wrong
+            raise UsageError(f"{option} {expr}: {type(e).__name__}: {_one_line(e)} (option values are "
+                             "Python expressions: quote text, e.g. --answer \" Mary\")") from None
+
+    def _pairs(self, args) -> types.SimpleNamespace:
+        """Clean and corrupt inputs and the answer/wrong tokens, with defaults from task pairs."""
+        clean = self._value(args.clean, "--clean")
+        corrupt = self._value(args.corrupt, "--corrupt") if args.corrupt else None
+        answer = self._value(args.answer, "--answer") if args.answer else None
+        wrong = self._value(args.wrong, "--wrong") if args.wrong else None
+        if hasattr(clean, "clean") and hasattr(clean, "corrupt"):  # task pairs
+            task, clean = clean, clean.clean
+            corrupt = task.corrupt if corrupt is None else corrupt
+            answer = getattr(task, "answer", None) if answer is None else answer
+            wrong = getattr(task, "wrong", None) if wrong is None else wrong
+        if corrupt is None:
+            raise UsageError("--corrupt is missing: give corrupt prompts, or task pairs to --clean "
+                             "(e.g. --clean nnpatch.tasks.ioi(8, template=0))")
+        return types.SimpleNamespace(clean=clean, corrupt=corrupt, answer=answer, wrong=wrong)
+
+    def _metric(self, name: str):
+        """A metric name of the sweeps, or a function of the logits named in the notebook."""
+        names = _metric_names()
+        if name in names:
+            return name
+        value = self.shell.user_ns.get(name)
+        if name.isidentifier() and callable(value):
+            return value
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown metric {name!r}; {hint}choose one of {', '.join(names)}, or the "
+                         "name of a function of the last-position logits [n, vocab]")
+
+    # -- running a cell's code ----------------------------------------------------------------
+    def _run(self, source: str, filename: str) -> None:
+        """Compile generated source under a filename tied to the cell and run it in the notebook,
+        so that its variables land there and tracebacks show the cell's lines, not nnpatch's."""
+        __tracebackhide__ = True
+        try:
+            code = _source.compile_source(source, filename)
+        except SyntaxError as e:  # the cell was checked, so the magic line's expressions are wrong
+            raise UsageError(f"the magic line does not make valid Python: {e.msg}: {(e.text or '').strip()}") from None
+        try:
+            exec(code, self.shell.user_ns)
+        except BaseException as e:  # noqa: BLE001 - re-raised with the cell's frames only
+            raise e.with_traceback(_cell_frames(e.__traceback__, filename))
+
+
+def nnpatch_api():
+    """The nnpatch package (imported late: it imports this module's package)."""
+    import nnpatch
+    return nnpatch
+
+
+# -- what %%patch measures ------------------------------------------------------------------------
+
+@dataclass(repr=False)
+class PatchEffect:
+    """What a `%%patch` cell measured.
+
+    `clean_score`, `corrupt_score` and `patched_score` are the metric of each run (averaged over
+    prompts); `effect` is (patched - corrupt) / (clean - corrupt): 0 when the patch changes
+    nothing, 1 when it restores the clean behaviour. `answer` and `wrong` are the tokens the
+    metric compares, per prompt; the logits are each run's at the last position `[n, vocab]`.
+
+        >>> r = _                                   # after a %%patch cell
+        >>> r.effect, r.patched_logits.shape
+    """
+
+    metric: str
+    clean_score: float
+    corrupt_score: float
+    patched_score: float
+    effect: float
+    answer: list[str] | None
+    wrong: list[str] | None
+    clean_logits: torch.Tensor  # [n, vocab]
+    corrupt_logits: torch.Tensor  # [n, vocab]
+    patched_logits: torch.Tensor  # [n, vocab]
+
+    @classmethod
+    def measure(cls, model, metric, clean: torch.Tensor, corrupt: torch.Tensor, patched: torch.Tensor, *,
+                answer: list[int] | None, wrong: list[int] | None) -> "PatchEffect":
+        """Score three runs' last-position logits `[n, vocab]`; missing answer / wrong tokens are
+        the clean / corrupt run's top-1 predictions."""
+        n = clean.shape[0]
+        answer = _per_prompt(answer, n, "--answer") if answer is not None else clean.argmax(-1).tolist()
+        wrong = _per_prompt(wrong, n, "--wrong") if wrong is not None else corrupt.argmax(-1).tolist()
+        scores = [_score(metric, logits, answer, wrong, clean) for logits in (clean, corrupt, patched)]
+        span = scores[0] - scores[1]
+        effect = (scores[2] - scores[1]) / span if span else math.nan
+        decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+        names = (lambda ids: [decode([i]) for i in ids]) if decode else (lambda ids: [str(i) for i in ids])
+        return cls(getattr(metric, "__name__", metric), *scores, effect, names(answer), names(wrong),
+                   clean, corrupt, patched)
+
+    def __repr__(self) -> str:
+        n = self.clean_logits.shape[0]
+        undefined = " (clean and corrupt score the same)" if math.isnan(self.effect) else ""
+        tokens = ""
+        if self.answer is not None and self.metric.startswith(("logit_diff", "prob")):
+            first = f"answer {self.answer[0]!r}, wrong {self.wrong[0]!r}"
+            tokens = f"; {first}" + (f", ... ({n} prompts)" if n > 1 else "")
+        return (f"PatchEffect({self.metric}: clean {self.clean_score:.4g}, corrupt {self.corrupt_score:.4g}, "
+                f"patched {self.patched_score:.4g}; effect {self.effect:.3f}{undefined}{tokens})")
+
+
+def _score(metric, logits: torch.Tensor, answer: list[int], wrong: list[int], clean: torch.Tensor) -> float:
+    """One run's metric, as the sweeps define it: a mean over prompts of the per-prompt value."""
+    if callable(metric):
+        return float(metric(logits))
+    rows = torch.arange(logits.shape[0])
+    logits = logits.float()
+    if metric in ("logit_diff", "logit_diff_raw"):
+        return float((logits[rows, answer] - logits[rows, wrong]).mean())
+    logprobs = logits.log_softmax(-1)
+    if metric == "prob":
+        return float(logprobs[rows, answer].exp().mean())
+    clean_logprobs = clean.float().log_softmax(-1)  # "kl": KL(clean || this run)
+    return float((clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1).mean())
+
+
+def _token_ids(model, value, option: str) -> list[int] | None:
+    """Token ids of an --answer / --wrong value: one token (string or id) or one per prompt."""
+    if value is None:
+        return None
+    many = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() > 0)
+    ids = []
+    for v in (list(value) if many else [value]):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = int(v)
+        if isinstance(v, int):
+            ids.append(v)
+            continue
+        tokenizer = getattr(model, "tokenizer", None)
+        if not isinstance(v, str) or tokenizer is None:
+            raise UsageError(f"{option} takes token strings or ids (one, or one per prompt), got {v!r}")
+        tokens = tokenizer(v, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise UsageError(f"{option} {v!r} is {len(tokens)} tokens under this tokenizer; give one token "
+                             "(often with a leading space, e.g. \" Mary\") or its id")
+        ids.append(tokens[0])
+    return ids
+
+
+def _per_prompt(ids: list[int], n: int, option: str) -> list[int]:
+    if len(ids) == 1:
+        return ids * n
+    if len(ids) != n:
+        raise UsageError(f"{option} gives {len(ids)} tokens for {n} prompts; give one, or one per prompt")
+    return ids
+
+
+def _last_logits(output, model_name: str) -> torch.Tensor:
+    """Last-position logits `[n, vocab]` of a model output (a ModelOutput, tuple or tensor)."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise UsageError(f"{model_name} returned {type(output).__name__}, not logits [batch, pos, vocab]; "
+                         "%%patch and %patch_sweep need a language model")
+    return (logits[:, -1] if logits.dim() == 3 else logits).detach()
+
+
+def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:
+    """The clean and corrupt runs' top-1 next tokens, per prompt."""
+    with model.trace() as tracer:
+        with tracer.invoke(clean):
+            clean_out = model.output
+        with tracer.invoke(corrupt):
+            corrupt_out = model.output
+    return (_last_logits(clean_out, "the model").argmax(-1).tolist(),
+            _last_logits(corrupt_out, "the model").argmax(-1).tolist())
+
+
+def _metric_names() -> tuple[str, ...]:
+    from .sweep import METRICS
+    return METRICS
+
+
+# -- the code a %%patch cell runs -----------------------------------------------------------------
+
+_RUNS = "__nnpatch_runs__"  # carries the inputs in and each run's output out
+_INVOKES = ("__nnpatch_clean__", "__nnpatch_corrupt__")
+
+
+def _patch_source(model: str, cell: str) -> str:
+    """The trace a %%patch cell runs in. The patched invoke comes last: an invoke can only read
+    (via `model.of`) another invoke that started before it."""
+    clean, corrupt = _INVOKES
+    return (f"with {model}.trace() as tracer:\n"
+            f"    with tracer.invoke({_RUNS}.clean) as {clean}: {_RUNS}.clean_out = {model}.output\n"
+            f"    with tracer.invoke({_RUNS}.corrupt) as {corrupt}: {_RUNS}.corrupt_out = {model}.output\n"
+            f"    clean, corrupt = {model}.of({clean}), {model}.of({corrupt})\n"
+            f"    with tracer.invoke({_RUNS}.corrupt):\n"
+            + _indent(cell, 2) +
+            f"        {_RUNS}.patched_out = {model}.output\n")
+
+
+class _borrowed:
+    """Bind names in the notebook namespace for one run; afterwards put back what was there."""
+
+    def __init__(self, ns: dict, bind: dict, restore: tuple[str, ...]):
+        self.ns, self.bind = ns, bind
+        names = (*bind, *restore)
+        self.saved = {k: ns[k] for k in names if k in ns}
+        self.names = names
+
+    def __enter__(self):
+        self.ns.update(self.bind)
+
+    def __exit__(self, *exc):
+        for k in self.names:
+            if k in self.saved:
+                self.ns[k] = self.saved[k]
+            else:
+                self.ns.pop(k, None)
+        return False
+
+
+# -- parsing magic lines --------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UsageErrors that show the magic's usage."""
+
+    def __init__(self, prog: str, usage: str):
+        super().__init__(prog=prog, usage=usage, add_help=False, allow_abbrev=False)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            options = [o for a in self._actions for o in a.option_strings]
+            unknown = message.split(":", 1)[1].split()
+            close = [c for u in unknown if u.startswith("-") for c in difflib.get_close_matches(u, options, n=1)]
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        raise UsageError(f"{self.prog}: {message}; usage: {self.usage}")
+
+
+def _trace_parser() -> _Parser:
+    p = _Parser("%%trace", "%%trace MODEL [INPUT ...]")
+    p.add_argument("model")
+    p.add_argument("inputs", nargs="*")
+    return p
+
+
+def _pair_options(p: _Parser) -> _Parser:
+    p.add_argument("model")
+    p.add_argument("--clean", required=True)
+    p.add_argument("--corrupt")
+    p.add_argument("--answer")
+    p.add_argument("--wrong")
+    p.add_argument("--metric", default="logit_diff")
+    p.add_argument("--out", type=_out_name)
+    return p
+
+
+def _patch_parser() -> _Parser:
+    return _pair_options(_Parser(
+        "%%patch", "%%patch MODEL --clean EXPR [--corrupt EXPR] [--answer TOK --wrong TOK] "
+                   "[--metric NAME] [--out NAME]"))
+
+
+def _sweep_parser() -> _Parser:
+    p = _pair_options(_Parser(
+        "%patch_sweep", "%patch_sweep MODEL --clean EXPR [--corrupt EXPR] [--site SITE] [--by layer,pos] "
+                        "[--metric NAME] [--answer TOK --wrong TOK] [--direction denoise|noise] "
+                        "[--layers EXPR] [--attribution] [--out NAME]"))
+    p.add_argument("--site", default="resid_pre")
+    p.add_argument("--by", default="layer,pos")
+    p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))
+    p.add_argument("--layers")
+    p.add_argument("--attribution", action="store_true")
+    return p
+
+
+def _out_name(text: str) -> str:
+    if not text.isidentifier() or keyword.iskeyword(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a variable name")
+    return text
+
+
+_TRACE, _PATCH, _SWEEP = _trace_parser(), _patch_parser(), _sweep_parser()
+
+
+def _parse(parser: _Parser, line: str) -> argparse.Namespace:
+    return parser.parse_args(_words(line))
+
+
+def _words(line: str) -> list[str]:
+    """Split a magic line at spaces outside brackets and strings, keeping each word's text, so that
+    option values can be Python expressions: `--clean tasks.ioi(8, seed=1)`, `--answer " Mary"`."""
+    words: list[str] = []
+    start = end = None  # the current word's columns
+    depth = 0
+    line = line.strip()
+    skip = (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line).readline):
+            if tok.type in skip:
+                continue
+            (_, col), (_, col_end) = tok.start, tok.end
+            if start is not None and (depth > 0 or col == end):
+                end = col_end
+            else:
+                if start is not None:
+                    words.append(line[start:end])
+                start, end = col, col_end
+            if tok.type == tokenize.OP:
+                depth += tok.string in "([{"
+                depth -= tok.string in ")]}"
+    except (tokenize.TokenError, SyntaxError) as e:
+        raise UsageError(f"cannot split the magic line ({e.args[0]}): check its brackets and quotes") from None
+    if start is not None:
+        words.append(line[start:end])
+    return words
+
+
+def _body(cell: str, magic: str) -> str:
+    """The cell's code, checked: a syntax error is reported at its line of the cell (the magic
+    line is line 1), since the code the cell runs in is generated around it."""
+    if not cell.strip():
+        raise UsageError(f"{magic}: the cell is empty; write the trace's body below the magic line")
+    try:
+        ast.parse(cell)
+    except SyntaxError as e:
+        text = (e.text or "").strip()
+        raise UsageError(f"{magic}: SyntaxError in cell line {(e.lineno or 0) + 1}: {e.msg}"
+                         + (f": {text}" if text else "")) from None
+    return cell
+
+
+def _indent(code: str, levels: int) -> str:
+    """Indent code by `levels` blocks, leaving the inside of multi-line strings as it was."""
+    lines = code.splitlines(keepends=True)
+    inside = set()  # 0-based lines that continue a multi-line string
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
+                inside.update(range(tok.start[0], tok.end[0]))  # rows after the first, 0-based
+    except (tokenize.TokenError, SyntaxError):
+        pass  # the compiler will report the problem at its line
+    pad = "    " * levels
+    out = [line if i in inside or not line.strip() else pad + line for i, line in enumerate(lines)]
+    text = "".join(out)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# -- tracebacks -----------------------------------------------------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _cell_frames(tb, filename: str):
+    """The traceback from the cell's own code on: no frames of nnpatch, and none of the generated
+    `with` lines that only lead into the invoke where the error happened."""
+    entries = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            entries.append(tb)
+        tb = tb.tb_next
+    cell = [i for i, e in enumerate(entries)
+            if e.tb_frame.f_code.co_filename == filename and e.tb_frame.f_code.co_name == "<module>"]
+    if cell:
+        entries = entries[cell[-1]:]
+    result = None
+    for entry in reversed(entries):
+        result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return result
+
