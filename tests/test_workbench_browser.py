@@ -133,6 +133,19 @@ def notebook_page(chromium: str, url: str, token: str, notebook: str):
             browser.close()
 
 
+def wait_for_widget(page):
+    """Wait for the workbench to render; fail at once, with the cell's output, if it cannot."""
+    rendered, error = ".nnp-controls .nnp-run", ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']"
+    text = ".jp-OutputArea-output[data-mime-type='text/plain']:has-text('Workbench(')"
+    page.wait_for_selector(f"{rendered}, {error}, {text}", timeout=2 * WAIT_MS)  # kernel start, model load
+    if page.locator(rendered).count() == 0:
+        output = page.locator(".jp-OutputArea").first.inner_text()
+        hint = "" if page.locator(error).count() else (
+            " (shown as text: this JupyterLab has no ipywidgets/anywidget extension for this Python; "
+            "check `jupyter labextension list`)")
+        pytest.fail(f"the workbench did not render{hint}:\n{output[-2000:]}")
+
+
 def click_cell(page, cell, shift=False):
     x, y = page.evaluate(CELL_XY, list(cell))
     page.mouse.move(x, y)
@@ -187,7 +200,7 @@ def test_workbench_in_jupyterlab(tmp_path):
     with jupyterlab(tmp_path) as (url, token), notebook_page(chromium, url, token, NOTEBOOK.name) as page:
         try:
             # Set-up: the first example is loaded, tokens previewed, pickers filled.
-            page.wait_for_selector(".nnp-controls .nnp-run", timeout=2 * WAIT_MS)  # kernel start, model load
+            wait_for_widget(page)
             page.wait_for_function("(a) => document.querySelector('.nnp-controls input.nnp-answer').value === a", arg=PAIR.answer)
             assert page.input_value(".nnp-controls input.nnp-wrong") == PAIR.wrong
             assert page.input_value(".nnp-controls textarea.nnp-clean") == PAIR.clean
