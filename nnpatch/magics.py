@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import io
 import keyword
@@ -44,6 +45,7 @@ from IPython.display import display
 from . import _source
 from .errors import NNPatchError
 from .model import Model
+from .sweep import METRICS, activation_patching, attribution_patching
 
 
 def load_ipython_extension(ipython) -> None:
@@ -129,7 +131,7 @@ class PatchingMagics(Magics):
         runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
         source = _patch_source(args.model, _body(cell, "%%patch"))
         filename = f"<%%patch In[{self.shell.execution_count}]>"
-        with _borrowed(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
+        with _borrowing(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
             self._run(source, filename)
         logits = [_last_logits(getattr(runs, f"{which}_out"), args.model) for which in ("clean", "corrupt", "patched")]
         result = PatchEffect.measure(model, metric, *logits, answer=answer, wrong=wrong)
@@ -160,13 +162,13 @@ class PatchingMagics(Magics):
         pairs = self._pairs(args)
         metric = self._metric(args.metric)
         layers = self._value(args.layers, "--layers") if args.layers else None
-        answer, wrong = pairs.answer, pairs.wrong
-        if (answer is None or wrong is None) and metric in ("logit_diff", "logit_diff_raw", "prob"):
-            top_clean, top_corrupt = _predictions(model, pairs.clean, pairs.corrupt)
-            answer = top_clean if answer is None else answer
-            wrong = top_corrupt if wrong is None else wrong
-        sweep = nnpatch_api().attribution_patching if args.attribution else nnpatch_api().activation_patching
+        sweep = attribution_patching if args.attribution else activation_patching
         try:
+            answer, wrong = pairs.answer, pairs.wrong
+            if (answer is None or wrong is None) and metric in _NEEDS_ANSWERS:
+                top_clean, top_corrupt = _predictions(model, pairs.clean, pairs.corrupt)
+                answer = top_clean if answer is None else answer
+                wrong = top_corrupt if wrong is None else wrong
             result = sweep(model, pairs.clean, pairs.corrupt, answer=answer, wrong=wrong, metric=metric,
                            site=args.site, by=args.by, direction=args.direction, layers=layers)
         except NNPatchError as e:
@@ -223,7 +225,7 @@ class PatchingMagics(Magics):
 
     def _metric(self, name: str):
         """A metric name of the sweeps, or a function of the logits named in the notebook."""
-        names = _metric_names()
+        names = METRICS
         if name in names:
             return name
         value = self.shell.user_ns.get(name)
@@ -249,12 +251,6 @@ class PatchingMagics(Magics):
             raise e.with_traceback(_cell_frames(e.__traceback__, filename))
 
 
-def nnpatch_api():
-    """The nnpatch package (imported late: it imports this module's package)."""
-    import nnpatch
-    return nnpatch
-
-
 # -- what %%patch measures ------------------------------------------------------------------------
 
 @dataclass(repr=False)
@@ -266,8 +262,10 @@ class PatchEffect:
     nothing, 1 when it restores the clean behaviour. `answer` and `wrong` are the tokens the
     metric compares, per prompt; the logits are each run's at the last position `[n, vocab]`.
 
-        >>> r = _                                   # after a %%patch cell
-        >>> r.effect, r.patched_logits.shape
+        %%patch model --clean pairs --out r
+        model.transformer.h[2].input[:, -1] = clean.transformer.h[2].input[:, -1]
+
+        r.effect, r.patched_logits.shape            # (1.001, torch.Size([8, 168]))
     """
 
     metric: str
@@ -275,8 +273,8 @@ class PatchEffect:
     corrupt_score: float
     patched_score: float
     effect: float
-    answer: list[str] | None
-    wrong: list[str] | None
+    answer: list[str]
+    wrong: list[str]
     clean_logits: torch.Tensor  # [n, vocab]
     corrupt_logits: torch.Tensor  # [n, vocab]
     patched_logits: torch.Tensor  # [n, vocab]
@@ -301,7 +299,7 @@ class PatchEffect:
         n = self.clean_logits.shape[0]
         undefined = " (clean and corrupt score the same)" if math.isnan(self.effect) else ""
         tokens = ""
-        if self.answer is not None and self.metric.startswith(("logit_diff", "prob")):
+        if self.metric in _NEEDS_ANSWERS:
             first = f"answer {self.answer[0]!r}, wrong {self.wrong[0]!r}"
             tokens = f"; {first}" + (f", ... ({n} prompts)" if n > 1 else "")
         return (f"PatchEffect({self.metric}: clean {self.clean_score:.4g}, corrupt {self.corrupt_score:.4g}, "
@@ -365,6 +363,9 @@ def _last_logits(output, model_name: str) -> torch.Tensor:
     return (logits[:, -1] if logits.dim() == 3 else logits).detach()
 
 
+_NEEDS_ANSWERS = ("logit_diff", "logit_diff_raw", "prob")
+
+
 def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:
     """The clean and corrupt runs' top-1 next tokens, per prompt."""
     with model.trace() as tracer:
@@ -374,11 +375,6 @@ def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:
             corrupt_out = model.output
     return (_last_logits(clean_out, "the model").argmax(-1).tolist(),
             _last_logits(corrupt_out, "the model").argmax(-1).tolist())
-
-
-def _metric_names() -> tuple[str, ...]:
-    from .sweep import METRICS
-    return METRICS
 
 
 # -- the code a %%patch cell runs -----------------------------------------------------------------
@@ -400,25 +396,20 @@ def _patch_source(model: str, cell: str) -> str:
             f"        {_RUNS}.patched_out = {model}.output\n")
 
 
-class _borrowed:
+@contextlib.contextmanager
+def _borrowing(ns: dict, bind: dict, restore: tuple[str, ...]):
     """Bind names in the notebook namespace for one run; afterwards put back what was there."""
-
-    def __init__(self, ns: dict, bind: dict, restore: tuple[str, ...]):
-        self.ns, self.bind = ns, bind
-        names = (*bind, *restore)
-        self.saved = {k: ns[k] for k in names if k in ns}
-        self.names = names
-
-    def __enter__(self):
-        self.ns.update(self.bind)
-
-    def __exit__(self, *exc):
-        for k in self.names:
-            if k in self.saved:
-                self.ns[k] = self.saved[k]
+    names = (*bind, *restore)
+    saved = {k: ns[k] for k in names if k in ns}
+    ns.update(bind)
+    try:
+        yield
+    finally:
+        for k in names:
+            if k in saved:
+                ns[k] = saved[k]
             else:
-                self.ns.pop(k, None)
-        return False
+                ns.pop(k, None)
 
 
 # -- parsing magic lines --------------------------------------------------------------------------

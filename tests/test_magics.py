@@ -90,8 +90,10 @@ def test_trace_with_inputs_is_one_invoke(shell, hf):
     ok(shell, "%%trace model p\n"
               "hidden = model.transformer.h[1].mlp.output.clone()\n"
               "model.transformer.h[1].mlp.output[:, 2] = 0\n"
-              "logits = model.output.logits\n")
+              "logits = model.output.logits\n"
+              "note = \"\"\"two\nlines\"\"\"\n")  # indented into the trace, but not inside the string
     ns = shell.user_ns
+    assert ns["note"] == "two\nlines"
     mlp = hf.transformer.h[1].mlp
     assert torch.allclose(ns["hidden"], captured(hf, CLEAN, mlp), atol=1e-5)
     assert torch.allclose(ns["logits"], forward(hf, CLEAN, [(mlp, put(2, 0.0))]), atol=1e-4)
@@ -181,6 +183,16 @@ def test_patch_task_pairs_score_like_patch_cells(shell, metric):
     assert [r.clean_score, r.corrupt_score, r.patched_score, r.effect] == pytest.approx(
         [ref.clean_score, ref.corrupt_score, ref.patched_score, ref.score], abs=1e-4)
     assert torch.allclose(r.patched_logits, ref.patched_logits, atol=1e-4)
+
+
+def test_patch_metric_can_be_a_notebook_function(shell, hf):
+    ok(shell, "def answer_logit(logits):\n    return logits[:, 6].mean()\n")
+    ok(shell, "%%patch model --clean p --corrupt q --metric answer_logit\n"
+              "model.transformer.h[0].output[:, -1] = clean.transformer.h[0].output[:, -1]\n")
+    r = shell.user_ns["_"]
+    assert r.metric == "answer_logit"
+    assert [r.clean_score, r.corrupt_score] == pytest.approx(
+        [float(forward(hf, text)[0, -1, 6]) for text in (CLEAN, CORRUPT)], abs=1e-3)
 
 
 def test_patch_cell_error_leaves_no_hooks_and_no_names(shell, hf):
