@@ -83,7 +83,8 @@ class PatchingMagics(Magics):
         __tracebackhide__ = True
         args = _parse(_TRACE, line)
         self._model(args.model)
-        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + _indent(_body(cell, "%%trace"), 1)
+        body = _body(cell, "%%trace")
+        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + _indent(body, 1)
         # The `with` line stands where the magic line was, so the cell's lines keep their numbers
         # and IPython can label them as the cell's own ("Cell In[5], line 3").
         self._run(source, self.shell.compile.cache(source, self.shell.execution_count, raw_code=source))
@@ -133,7 +134,7 @@ class PatchingMagics(Magics):
         filename = f"<%%patch In[{self.shell.execution_count}]>"
         with _borrowing(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
             self._run(source, filename)
-        logits = [_last_logits(getattr(runs, f"{which}_out"), args.model) for which in ("clean", "corrupt", "patched")]
+        logits = [_last_logits(out, args.model) for out in (runs.clean_out, runs.corrupt_out, runs.patched_out)]
         result = PatchEffect.measure(model, metric, *logits, answer=answer, wrong=wrong)
         if args.out:
             self.shell.user_ns[args.out] = result
@@ -244,7 +245,8 @@ class PatchingMagics(Magics):
         try:
             code = _source.compile_source(source, filename)
         except SyntaxError as e:  # the cell was checked, so the magic line's expressions are wrong
-            raise UsageError(f"the magic line does not make valid Python: {e.msg}: {(e.text or '').strip()}") from None
+            text = (e.text or "").strip()
+            raise UsageError(f"the magic line does not make valid Python: {e.msg}: {text}") from None
         try:
             exec(code, self.shell.user_ns)
         except BaseException as e:  # noqa: BLE001 - re-raised with the cell's frames only
@@ -443,7 +445,7 @@ def _pair_options(p: _Parser) -> _Parser:
     p.add_argument("--corrupt")
     p.add_argument("--answer")
     p.add_argument("--wrong")
-    p.add_argument("--metric", default="logit_diff")
+    p.add_argument("--metric", default="logit_diff", type=_name)
     p.add_argument("--out", type=_out_name)
     return p
 
@@ -459,12 +461,22 @@ def _sweep_parser() -> _Parser:
         "%patch_sweep", "%patch_sweep MODEL --clean EXPR [--corrupt EXPR] [--site SITE] [--by layer,pos] "
                         "[--metric NAME] [--answer TOK --wrong TOK] [--direction denoise|noise] "
                         "[--layers EXPR] [--attribution] [--out NAME]"))
-    p.add_argument("--site", default="resid_pre")
-    p.add_argument("--by", default="layer,pos")
+    p.add_argument("--site", default="resid_pre", type=_name)
+    p.add_argument("--by", default="layer,pos", type=_name)
     p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))
     p.add_argument("--layers")
     p.add_argument("--attribution", action="store_true")
     return p
+
+
+def _name(text: str) -> str:
+    """A name option (a site, a metric, dims), written bare or as a string literal."""
+    if text[:1] in "'\"":
+        try:
+            return str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{text} is not a string") from None
+    return text
 
 
 def _out_name(text: str) -> str:
@@ -553,7 +565,7 @@ def _cell_frames(tb, filename: str):
     `with` lines that only lead into the invoke where the error happened."""
     entries = []
     while tb is not None:
-        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
             entries.append(tb)
         tb = tb.tb_next
     cell = [i for i, e in enumerate(entries)

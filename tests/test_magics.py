@@ -216,7 +216,7 @@ def sweep_pairs():
 
 def test_patch_sweep_is_the_api_call_and_shows_the_heatmap(shell):
     shell.user_ns["pairs"] = sweep_pairs()
-    result, out = ok(shell, "%patch_sweep model --clean pairs --site mlp_out --by layer,pos --out r")
+    result, out = ok(shell, "%patch_sweep model --clean pairs --site 'mlp_out' --by layer,pos --out r")
     r = shell.user_ns["r"]
     ref = nnpatch.activation_patching(shell.user_ns["model"], sweep_pairs(), site="mlp_out", progress=False)
     assert result.result is r and shell.user_ns["_"] is r
