@@ -18,6 +18,7 @@ import argparse
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -65,20 +66,27 @@ def metric_of(answer, wrong):
     return metric
 
 
+@dataclass
+class Timing:
+    wall: float  # seconds on the clock
+    cpu: float  # seconds of this process's CPU time: with one thread, what other jobs on a shared machine distort least
+
+    def __truediv__(self, other: "Timing") -> "Timing":
+        return Timing(self.wall / other.wall, self.cpu / other.cpu)
+
+
 def timed(fn):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
 
 
 # -- the methods ------------------------------------------------------------------------------------
-def forward_time(model, ids, repeats=3):
+def forward_time(model, ids, repeats=3) -> Timing:
     with torch.no_grad():
         model(ids)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(ids)
-    return (time.perf_counter() - start) / repeats
+        total, _ = timed(lambda: [model(ids) for _ in range(repeats)])
+    return Timing(total.wall / repeats, total.cpu / repeats)
 
 
 def naive_loop(model, clean, corrupt, metric):
@@ -168,21 +176,22 @@ def main():
 
     times, grids = {}, {}
     one_forward = forward_time(model, corrupt)
-    print(f"  one forward pass ({args.pairs} x {args.tokens} tokens): {one_forward:.3f} s")
+    print(f"  one forward pass ({args.pairs} x {args.tokens} tokens): {one_forward.wall:.3f} s "
+          f"(cpu {one_forward.cpu:.3f} s)")
     if "naive" not in skip:
         times["naive loop"], grids["naive loop"] = timed(lambda: naive_loop(model, clean, corrupt, metric))
-        print(f"  naive loop: {times['naive loop']:.1f} s")
+        print(f"  naive loop: {times['naive loop'].wall:.1f} s")
     if "tl" not in skip:
         try:
             times["TransformerLens"], grids["TransformerLens"] = transformer_lens(folder, load(folder), clean,
                                                                                   corrupt, metric)
-            print(f"  TransformerLens: {times['TransformerLens']:.1f} s")
+            print(f"  TransformerLens: {times['TransformerLens'].wall:.1f} s")
         except ImportError:
             print("  TransformerLens: not installed (pip install transformer_lens)")
     if "nnsight" not in skip:
         try:
             times["nnsight loop"], grids["nnsight loop"] = nnsight_loop(folder, load(folder), clean, corrupt, metric)
-            print(f"  nnsight loop: {times['nnsight loop']:.1f} s")
+            print(f"  nnsight loop: {times['nnsight loop'].wall:.1f} s")
         except ImportError:
             print("  nnsight: not installed (pip install nnsight)")
 
@@ -190,17 +199,20 @@ def main():
                   by=("layer", "pos"), progress=False)
     times["nnpatch"], result = timed(lambda: nnpatch.activation_patching(model, clean, corrupt, **kwargs))
     grids["nnpatch"] = result.values
-    print(f"  nnpatch activation patching: {times['nnpatch']:.1f} s")
-    attribution_time, _ = timed(lambda: nnpatch.attribution_patching(model, clean, corrupt, **kwargs))
-    print(f"  nnpatch attribution patching: {attribution_time:.2f} s")
+    print(f"  nnpatch activation patching: {times['nnpatch'].wall:.1f} s")
+    attribution, _ = timed(lambda: nnpatch.attribution_patching(model, clean, corrupt, **kwargs))
+    print(f"  nnpatch attribution patching: {attribution.wall:.2f} s")
 
-    print("\nmethod                 seconds   nnpatch faster by   max |diff| vs reference")
     reference = grids.get("naive loop", grids["nnpatch"])
-    for name, seconds in times.items():
+    print("\nmethod                 wall s    cpu s   nnpatch faster by (wall / cpu)   max |diff| vs naive")
+    for name, t in times.items():
+        ratio = t / times["nnpatch"]
         diff = (grids[name].float() - reference.float()).abs().max().item()
-        print(f"  {name:<20} {seconds:8.2f}   {seconds / times['nnpatch']:8.1f}x          {diff:.2e}")
-    print(f"  attribution patching = {attribution_time / one_forward:.2f} forward-pass times "
-          f"({attribution_time:.2f} s / {one_forward:.3f} s)")
+        print(f"  {name:<20} {t.wall:7.1f}  {t.cpu:7.1f}   {ratio.wall:8.1f}x / {ratio.cpu:4.1f}x"
+              f"{'':16}{diff:.1e}")
+    per_forward = attribution / one_forward
+    print(f"  attribution patching of the whole grid = {per_forward.wall:.2f} forward-pass times on the clock, "
+          f"{per_forward.cpu:.2f} in cpu time")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class Site:
     `index` is the positional argument of an input, or the element of a tuple output; an output
     that is a plain tensor is the value itself. `heads` is set on head sites: the last dimension
     of the value splits into that many heads.
+
+    Some residual-stream values are no module's output: GPT-2's resid_mid is `input + attn.output`,
+    read at `ln_2.input`, but replacing `ln_2`'s input would leave the residual branch unpatched.
+    Such a site is read at `path` and written through `via` (the addend's module output):
+    patching sets `via` to the wanted value minus `stream` (the other addend, the block input).
     """
 
     path: str
@@ -52,6 +57,12 @@ class Site:
     index: int = 0
     heads: int | None = None
     layer: int | None = None
+    via: "Site | None" = None  # where patches are written, when not at the site itself
+    stream: "Site | None" = None  # the value `via` is added to
+
+    @property
+    def writer(self) -> "Site":
+        return self.via or self
 
     def __str__(self) -> str:
         return f"{self.path}.{self.kind}" + (f"[{self.index}]" if self.index else "")
@@ -120,7 +131,9 @@ def register_sites(architecture: str, *, blocks: str | Sequence[str], sites: Map
     candidates may be given; a path may also be the end of the real path, e.g. "encoder.layer"
     matches "bert.encoder.layer"). Each site is a path relative to one block ending in `input` or
     `output`, optionally followed by `[i]` for a tuple element: "mlp.output", "attn.o_proj.input",
-    or just "input" for the block's own input. `head_out` is split into `n_heads` heads
+    or just "input" for the block's own input. A residual value that no module outputs is read at
+    one place and written through an addend: "ln_2.input = input + attn.output" (patching it sets
+    attn's output to the wanted value minus the block input). `head_out` is split into `n_heads` heads
     (default: `config.num_attention_heads`). `unembed` names the module that maps the final hidden
     state to logits; with it (and a base model that takes `input_ids`) sweeps skip the layers a
     patch cannot change. `kv_cache=True` declares a Hugging Face causal decoder whose
@@ -184,9 +197,14 @@ class Sites(Mapping):
         width = max(len(n) for n in self._table)
         lines = [f"Sites({self.architecture}, {self.n_layers} layers"
                  + (f", {self.n_heads} heads" if self.n_heads else "") + ")"]
+        block = f"{self.blocks}.0"
+
+        def template(site):
+            return str(site).replace(block, f"{self.blocks}.{{layer}}", 1)
         for name, per_layer in self._table.items():
-            template = str(per_layer[0]).replace(f"{self.blocks}.0", f"{self.blocks}.{{layer}}", 1)
-            lines.append(f"  {name:<{width}}  {template}")
+            site = per_layer[0]
+            written = f"  (= {template(site.stream)} + {template(site.via)})" if site.via else ""
+            lines.append(f"  {name:<{width}}  {template(site)}{written}")
         return "\n".join(lines)
 
 
@@ -227,9 +245,9 @@ def sites(model) -> Sites:
             spec = spec(config)
         if spec is None:
             continue
-        rel, kind, index = _parse(spec, name)
-        per_layer = []
-        for layer in range(n_layers):
+        read, sum_of = _parse(spec, name)
+
+        def site(rel, kind, index, layer, **extra):
             path = f"{blocks}.{layer}" + (f".{rel}" if rel else "")
             if path not in names:
                 close = difflib.get_close_matches(path, list(names), n=3, cutoff=0.5)
@@ -237,9 +255,14 @@ def sites(model) -> Sites:
                     f"site {name!r} of {architecture} should be at {path!r}, but the model has no "
                     f"such module (closest: {', '.join(close) or 'none'}); fix the spec {spec!r} "
                     "with nnpatch.register_sites")
-            heads = n_heads if name in HEAD_SITES else None
-            per_layer.append(Site(path, kind, index, heads, layer))
-        table[name] = tuple(per_layer)
+            return Site(path, kind, index, layer=layer, **extra)
+
+        heads = n_heads if name in HEAD_SITES else None
+        table[name] = tuple(
+            site(*read, layer, heads=heads,
+                 stream=site(*sum_of[0], layer) if sum_of else None,
+                 via=site(*sum_of[1], layer) if sum_of else None)
+            for layer in range(n_layers))
 
     unembed = next((u for u in layout.unembed if u in names), None)
     base = _find_base(names, blocks) if unembed is not None else None
@@ -249,13 +272,27 @@ def sites(model) -> Sites:
 
 _SPEC = re.compile(r"^(?:(?P<rel>[\w.]+)\.)?(?P<kind>input|output)(?:\[(?P<index>\d+)\])?$")
 
+Where = tuple[str, str, int]  # (path relative to the block, "input" | "output", tuple element)
 
-def _parse(spec: str, name: str) -> tuple[str, str, int]:
-    m = _SPEC.match(spec)
+
+def _parse(spec: str, name: str) -> tuple[Where, tuple[Where, Where] | None]:
+    """"mlp.output" -> where to read; "ln_2.input = input + attn.output" -> also the two addends,
+    the second being where patches are written."""
+    read, _, total = (part.strip() for part in spec.partition("="))
+    terms = [t.strip() for t in total.split("+")] if total else []
+    if total and len(terms) != 2:
+        raise NNPatchError(f"site {name!r}: {spec!r} must read '<site> = <stream> + <written addend>', "
+                           "e.g. 'ln_2.input = input + attn.output'")
+    wheres = [_where(t, name, spec) for t in [read] + terms]
+    return wheres[0], (tuple(wheres[1:]) if terms else None)
+
+
+def _where(text: str, name: str, spec: str) -> Where:
+    m = _SPEC.match(text)
     if not m:
         raise NNPatchError(
-            f"site {name!r}: cannot read {spec!r}; write a path relative to one block that ends in "
-            "'input' or 'output', optionally with a tuple element: 'mlp.output', "
+            f"site {name!r}: cannot read {text!r} in {spec!r}; write a path relative to one block that "
+            "ends in 'input' or 'output', optionally with a tuple element: 'mlp.output', "
             "'attn.o_proj.input', 'input', 'attn.output[0]'")
     return m["rel"] or "", m["kind"], int(m["index"] or 0)
 
@@ -287,25 +324,26 @@ def _find_base(names: dict[str, torch.nn.Module], blocks: str) -> str | None:
 
 
 def _register_builtins() -> None:
-    llama_like = {"resid_pre": "input", "resid_mid": "post_attention_layernorm.input",
+    llama_like = {"resid_pre": "input", "resid_mid": "post_attention_layernorm.input = input + self_attn.output",
                   "resid_post": "output", "attn_out": "self_attn.output",
                   "mlp_out": "mlp.output", "head_out": "self_attn.o_proj.input"}
     for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
         register_sites(arch, blocks="layers", sites=llama_like, kv_cache=True)
     # Gemma 2 and 3 normalise each sublayer's output before adding it to the residual stream.
-    gemma2 = {"resid_pre": "input", "resid_mid": "pre_feedforward_layernorm.input",
+    gemma2 = {"resid_pre": "input",
+              "resid_mid": "pre_feedforward_layernorm.input = input + post_attention_layernorm.output",
               "resid_post": "output", "attn_out": "post_attention_layernorm.output",
               "mlp_out": "post_feedforward_layernorm.output", "head_out": "self_attn.o_proj.input"}
     for arch in ("gemma2", "gemma3_text"):
         register_sites(arch, blocks="layers", sites=gemma2, kv_cache=True)
     register_sites("gpt2", blocks="h", kv_cache=True, sites={
-        "resid_pre": "input", "resid_mid": "ln_2.input", "resid_post": "output",
+        "resid_pre": "input", "resid_mid": "ln_2.input = input + attn.output", "resid_post": "output",
         "attn_out": "attn.output", "mlp_out": "mlp.output", "head_out": "attn.c_proj.input"})
     register_sites("gpt_neox", blocks="layers", kv_cache=True, sites={
         "resid_pre": "input",
         # With the default parallel residual, attention and MLP both read resid_pre.
         "resid_mid": lambda cfg: None if getattr(cfg, "use_parallel_residual", True)
-        else "post_attention_layernorm.input",
+        else "post_attention_layernorm.input = input + attention.output",
         "resid_post": "output", "attn_out": "attention.output", "mlp_out": "mlp.output",
         "head_out": "attention.dense.input"})
     register_sites("gptj", blocks="h", kv_cache=True, sites={

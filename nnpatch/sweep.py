@@ -7,7 +7,8 @@ once from two forwards and one backward: metric(base) + (source - base) . d metr
 
     >>> import nnpatch
     >>> model = nnpatch.models.load("ioi")
-    >>> result = nnpatch.activation_patching(model, nnpatch.tasks.ioi(8), site="resid_pre")
+    >>> pairs = nnpatch.tasks.ioi(8, template=0)     # one template: positions line up
+    >>> result = nnpatch.activation_patching(model, pairs, site="resid_pre", progress=False)
     >>> fig = result.plot()
 
 How a sweep avoids the work a loop does:
@@ -72,8 +73,9 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
         >>> model = nnpatch.models.load("ioi")
         >>> r = nnpatch.activation_patching(model, "When Mary and John went to the store, John gave a drink to",
         ...     "When Mary and John went to the store, Mary gave a drink to",
-        ...     answer=" Mary", wrong=" John", site="resid_pre", by=("layer", "pos"))
-        >>> r.values.shape            # [layer, pos]
+        ...     answer=" Mary", wrong=" John", site="resid_pre", by=("layer", "pos"), progress=False)
+        >>> r.dims, r.labels["pos"][-1]
+        (('layer', 'pos'), ' to')
     """
     job = _Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers)
     engines = [_Engine(job, group) for group in job.groups]
@@ -120,10 +122,11 @@ def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     metric with respect to the site's activation in the base run.
 
         >>> import nnpatch
-        >>> model = nnpatch.models.load("ioi")
-        >>> atp = nnpatch.attribution_patching(model, nnpatch.tasks.ioi(8), site="attn_out", by=("layer", "pos"))
-        >>> act = nnpatch.activation_patching(model, nnpatch.tasks.ioi(8), site="attn_out", by=("layer", "pos"))
-        >>> fig = nnpatch.heatmap.scatter(atp, act)
+        >>> from nnpatch import heatmap
+        >>> model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(8, template=0)
+        >>> atp = nnpatch.attribution_patching(model, pairs, site="attn_out", progress=False)
+        >>> act = nnpatch.activation_patching(model, pairs, site="attn_out", progress=False)
+        >>> fig = heatmap.scatter(atp, act)
     """
     job = _Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers)
     engines = [_Engine(job, group) for group in job.groups]
@@ -192,8 +195,9 @@ def patch_cells(model, clean, corrupt=None, cells=(), *, site: str = "resid_pre"
         >>> import nnpatch
         >>> from nnpatch.sweep import patch_cells
         >>> model = nnpatch.models.load("ioi")
-        >>> run = patch_cells(model, nnpatch.tasks.ioi(4), cells=[(2, -1), (3, -1)], site="attn_out")
-        >>> run.score                 # 0 = corrupt behaviour, 1 = clean behaviour
+        >>> run = patch_cells(model, nnpatch.tasks.ioi(4, template=0), cells=[(2, -1), (3, -1)], site="attn_out")
+        >>> run.patched_logits.shape[0], run.clean_score > run.corrupt_score   # score: 0 corrupt, 1 clean
+        (4, True)
     """
     job = _Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, None)
     patches = tuple(job.patch_of(cell) for cell in cells)
@@ -775,7 +779,12 @@ class _Engine:
             specs.append((block.path, "input", _replace_input(block, lambda _: resid)))
         for layer, patch in self._patches(rows, pairs, start_pos).items():
             site = job.sites[layer]
-            specs.append((site.path, site.kind, _patch_hook(site, patch)))
+            if site.via is None:
+                specs.append((site.path, site.kind, _patch_hook(site, patch)))
+            else:  # written through an addend: the addend becomes wanted value minus the stream
+                stream: dict[str, torch.Tensor] = {}
+                specs.append((site.stream.path, site.stream.kind, _keeper(site.stream, stream, "x", detach=False)))
+                specs.append((site.via.path, site.via.kind, _patch_hook(site.via, patch, stream)))
         last = job.table.n_layers - 1
         if self.kv and all(p.layer < last for r in rows for p in r.patches):
             # In the last block only the last position reaches the logits: its attention output
@@ -836,9 +845,16 @@ class _Engine:
         job = self.job
         values: list[torch.Tensor | None] = [None] * len(job.layers)
         deltas: list[torch.Tensor | None] = [None] * len(job.layers)
-        specs = [(job.sites[layer].path, job.sites[layer].kind,
-                  _grad_probe(job.sites[layer], values, deltas if grad else None, i))
-                 for i, layer in enumerate(job.layers)]
+        specs = []
+        for i, layer in enumerate(job.layers):
+            site = job.sites[layer]
+            if grad and site.via is not None:
+                # Read the value where it is; differentiate where it is written, so that the
+                # gradient flows into every branch that reads it.
+                specs.append((site.path, site.kind, _grad_probe(site, values, None, i)))
+                specs.append((site.via.path, site.via.kind, _grad_probe(site.via, [None] * len(values), deltas, i)))
+            else:
+                specs.append((site.path, site.kind, _grad_probe(site, values, deltas if grad else None, i)))
         with torch.enable_grad() if grad else torch.no_grad(), hooks(job.module, specs):
             logits, _ = self._forward(ids, want_cache=False)
         missing = [str(job.sites[layer]) for layer, v in zip(job.layers, values) if v is None]
@@ -859,14 +875,16 @@ class _Captured:
 # Hooks and the layer skip
 # ------------------------------------------------------------------------------------------------
 
-def _keeper(site: Site, store: dict, key):
+def _keeper(site: Site, store: dict, key, detach: bool = True):
     """A hook that stores the site's value."""
+    def keep(value):
+        store[key] = value.detach() if detach else value
     if site.kind == "input":
         def hook(module, args, kwargs):
-            store[key] = site.read(args, kwargs).detach()
+            keep(site.read(args, kwargs))
     else:
         def hook(module, args, kwargs, output):
-            store[key] = site.read(args, kwargs, output).detach()
+            keep(site.read(args, kwargs, output))
     return hook
 
 
@@ -895,15 +913,20 @@ def _replace_input(site: Site, fn):
     return hook
 
 
-def _patch_hook(site: Site, patch):
+def _patch_hook(site: Site, patch, stream: dict | None = None):
+    """A hook that writes the patch's values into the site; with `stream` (holding the current
+    value the site is added to), it writes the values minus the stream."""
     rows, local, head, value, heads = patch
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
+        new = value.to(x.dtype)
+        if stream is not None:
+            new = new - stream["x"][rows, local]
         if head is None:
-            x[rows, local] = value.to(x.dtype)
+            x[rows, local] = new
         else:
-            x.view(*x.shape[:-1], heads, -1)[rows, local, head] = value.to(x.dtype)
+            x.view(*x.shape[:-1], heads, -1)[rows, local, head] = new
         return x
     if site.kind == "input":
         def hook(module, args, kwargs):

@@ -125,7 +125,10 @@ def test_site_strings_and_table():
     assert str(table["head_out"][2]) == "transformer.h.2.attn.c_proj.input"
     assert str(table["resid_post"][0]) == "transformer.h.0.output"
     assert table.base == "transformer" and table.unembed == "lm_head" and table.kv_cache
-    assert "resid_mid   transformer.h.{layer}.ln_2.input" in repr(table)
+    assert ("resid_mid   transformer.h.{layer}.ln_2.input  (= transformer.h.{layer}.input + "
+            "transformer.h.{layer}.attn.output)") in repr(table)
+    mid = table["resid_mid"][1]
+    assert (str(mid.stream), str(mid.via)) == ("transformer.h.1.input", "transformer.h.1.attn.output")
     assert str(Site("model.layers.1.self_attn", "output", 1)) == "model.layers.1.self_attn.output[1]"
     assert list(nnpatch.sites(build("llama"))) == ["resid_pre", "resid_mid", "resid_post", "attn_out",
                                                   "mlp_out", "head_out"]

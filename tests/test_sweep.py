@@ -113,22 +113,29 @@ def naive(hf, site, by, direction, metric="logit_diff", clean=CLEAN, corrupt=COR
     for patches in cells:
         total = 0.0
         for i in range(len(base)):
-            hooks = []
+            hooks, handles = [], []
             for cell in patches:
                 module, kind = place(hf, site, cell["layer"])
                 src = run(hf, source[i], module, kind)[1]
+                stream = None
+                if site == "resid_mid":
+                    # The residual stream after attention is no module's output: write it through
+                    # the attention output, as the wanted value minus the block input.
+                    stream = {}
+                    block, _ = place(hf, "resid_pre", cell["layer"])
+                    handles.append(block.register_forward_pre_hook(lambda m, a, stream=stream: stream.update(x=a[0])))
+                    module, kind = place(hf, "attn_out", cell["layer"])
 
-                def edit(value, src=src, cell=cell):
+                def edit(value, src=src, cell=cell, stream=stream):
                     value = value.clone()
                     pos = slice(None) if "pos" not in cell else cell["pos"]
                     if "head" in cell:
                         v = value.view(*value.shape[:-1], n_heads, -1)
                         v[:, pos, cell["head"]] = src.view(*src.shape[:-1], n_heads, -1)[:, pos, cell["head"]]
                     else:
-                        value[:, pos] = src[:, pos]
+                        value[:, pos] = src[:, pos] - (0 if stream is None else stream["x"][:, pos])
                     return value
                 hooks.append((module, kind, edit))
-            handles = []
             for module, kind, edit in hooks:
                 if kind == "input":
                     handles.append(module.register_forward_pre_hook(
@@ -322,3 +329,16 @@ def test_layers_subset():
                                       layers=[2, 0], progress=False)
     close(got.values, want.reshape(3, -1)[[2, 0]])
     assert got.layers == [2, 0] and got.labels["layer"][0] == "model.layers.2.mlp.output"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_patching_the_whole_residual_stream_restores_the_clean_run(arch):
+    # Replacing every position of a residual-stream site makes everything downstream clean, so
+    # the normalised logit difference is exactly 1 (and 0 when noising). For resid_mid this only
+    # holds if the patch reaches both the MLP branch and the residual branch.
+    hf = BUILD[arch]()
+    for site in ("resid_pre", "resid_mid", "resid_post"):
+        for direction, want in (("denoise", 1.0), ("noise", 0.0)):
+            got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, site=site,
+                                              by=("layer",), direction=direction, progress=False)
+            close(got.values, torch.full((3,), want))
