@@ -205,6 +205,10 @@ def table_max(n: int, seed: int = 0, *, rows: int = 8, split: str = "test") -> P
     The corrupt prompt lowers that row's value below the runner-up's, so `wrong` (the runner-up's
     value) is the corrupt table's maximum. `split="train"` draws from the training split.
 
+    The model is most reliable from five rows up (held-out, 1000 pairs: 8 rows 100% clean /
+    99.9% corrupt; 5 rows 99.9% / 97.9%). Small tables whose maximum is low are rare in training,
+    so with 3 rows it scores 98.7% clean but only 81.5% on corrupt prompts.
+
     `meta[i]` keys: "max_row" and "corrupt_max_row" (row indices), "row_token_map"
     ({row: {"x": [label token positions], "y": [value token position]}}), "values" (the clean
     y-values in row order) and "end" (position of the last token).

@@ -34,7 +34,7 @@ MAX_POSITIONS = 64
 RECIPES = {
     "ioi": dict(arch="gpt2", layers=4, width=128, heads=4, steps=1500, batch=64, lr=2e-3,
                 answer_only=False, sample=lambda n, seed: tasks.ioi(n, seed, split="train")),
-    "table-max": dict(arch="llama", layers=4, width=128, heads=4, steps=3000, batch=64, lr=2e-3,
+    "table-max": dict(arch="llama", layers=4, width=128, heads=4, steps=1200, batch=64, lr=2e-3,
                       answer_only=True, sample=lambda n, seed: _mixed_tables(n, seed)),
 }
 
@@ -122,10 +122,11 @@ def last_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return result
 
 
-def train(name: str, seed: int, out: Path, steps: int | None = None, eval_pairs: int = 1000,
-          log_every: int = 100) -> dict:
+def train(name: str, seed: int, out: Path, steps: int | None = None, batch: int | None = None,
+          eval_pairs: int = 1000, log_every: int = 100) -> dict:
     recipe = RECIPES[name]
     steps = recipe["steps"] if steps is None else steps
+    batch = recipe["batch"] if batch is None else batch
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(name)
     model = build_model(recipe, tokenizer)
@@ -140,11 +141,11 @@ def train(name: str, seed: int, out: Path, steps: int | None = None, eval_pairs:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
     held_out = tasks.ioi if name == "ioi" else tasks.table_max
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     for step in range(steps):
         # Every step draws a fresh batch from its own seed, so a run is a function of `seed`.
-        pairs = recipe["sample"](recipe["batch"], seed * 1_000_003 + step)
+        pairs = recipe["sample"](batch, seed * 1_000_003 + step)
         ids, mask, labels = training_batch(pairs, tokenizer, recipe["answer_only"])
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -160,15 +161,19 @@ def train(name: str, seed: int, out: Path, steps: int | None = None, eval_pairs:
                 model.train()
             print(line, file=sys.stderr, flush=True)
     train_seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # wall time alone misleads on shared cores
 
     metrics = evaluate(model, tokenizer, held_out(eval_pairs, seed=0)) if eval_pairs else {}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _portable_tokenizer_config(out)
-    record = {"model": name, "seed": seed, "steps": steps, "batch": recipe["batch"],
+    for file in out.iterdir():
+        file.chmod(0o644)  # safetensors writes owner-only files; the package ships them readable
+    record = {"model": name, "seed": seed, "steps": steps, "batch": batch,
               "lr": recipe["lr"], "threads": torch.get_num_threads(),
-              "train_seconds": round(train_seconds, 1), "held_out_pairs": eval_pairs,
+              "train_seconds": round(train_seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+              "held_out_pairs": eval_pairs,
               "held_out_seed": 0, **{k: round(v, 4) for k, v in metrics.items()}}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -189,11 +194,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per step (default: the recipe's)")
     parser.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs to score (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    record = train(args.model, args.seed, args.out, args.steps, args.eval_pairs)
+    record = train(args.model, args.seed, args.out, args.steps, args.batch, args.eval_pairs)
     print(json.dumps(record, indent=2))
 
 
