@@ -153,12 +153,13 @@ def ioi(n: int, seed: int = 0, *, template: int | None = None, split: str = "tes
 
     Example:
         >>> import nnpatch
-        >>> pairs = nnpatch.tasks.ioi(1, seed=3, template=0)
-        >>> p = pairs[0]
-        >>> p.clean.split()[-6:-1] == p.corrupt.split()[-6:-1]
-        False
-        >>> sorted(p.meta)
-        ['end', 'io', 'order', 's1', 's2', 'template']
+        >>> p = nnpatch.tasks.ioi(1, seed=0, template=0)[0]
+        >>> p.clean, p.answer
+        ('When Philip and Ruth went to the cafe, Philip gave a drink to', ' Ruth')
+        >>> p.corrupt, p.wrong
+        ('When Philip and Ruth went to the cafe, Ruth gave a drink to', ' Philip')
+        >>> p.meta
+        {'io': 3, 's1': 1, 's2': 9, 'end': 13, 'template': 0, 'order': 'BABA'}
     """
     _check_split(split)
     if template is not None and not 0 <= template < len(IOI_TEMPLATES):
