@@ -10,6 +10,10 @@ shows anything.
     ...     {"pos": ["Mary", " ran"]}, clean_score=2.0, corrupt_score=0.5, site="resid_pre")
     >>> fig = heatmap.plot(r)                      # fig.show() in a notebook
     >>> print(heatmap.text(r))
+         Mary   ran
+    L0   0.00  1.00
+    L1   0.50 -0.20
+    Activation patching of resid_pre by layer x pos (logit_diff, denoise); clean 2, corrupt 0.5
 """
 from __future__ import annotations
 
@@ -43,7 +47,14 @@ def compare(results: Sequence[PatchingResult], *, titles: Sequence[str] | None =
             height: int | None = None) -> go.Figure:
     """Several results side by side on one shared, zero-centred colour scale.
 
+        >>> import torch, nnpatch
+        >>> from nnpatch import heatmap
+        >>> act = nnpatch.PatchingResult(torch.tensor([[0.1, 0.9]]), ("layer", "pos"), {}, 2.0, 0.5)
+        >>> atp = nnpatch.PatchingResult(torch.tensor([[0.2, 1.3]]), ("layer", "pos"), {}, 2.0, 0.5,
+        ...                              method="attribution")
         >>> fig = heatmap.compare([act, atp], titles=["activation", "attribution"])
+        >>> fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax
+        (-1.2999999523162842, 1.2999999523162842)
     """
     if not results:
         raise NNPatchError("compare() needs at least one result")
@@ -66,7 +77,11 @@ def compare(results: Sequence[PatchingResult], *, titles: Sequence[str] | None =
 def scatter(attribution: PatchingResult, activation: PatchingResult, *, title: str | None = None) -> go.Figure:
     """Each cell's attribution estimate against its activation-patching value, with y = x.
 
-        >>> fig = heatmap.scatter(nnpatch.attribution_patching(model, pairs), nnpatch.activation_patching(model, pairs))
+        >>> import nnpatch
+        >>> from nnpatch import heatmap
+        >>> model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(4, template=0)
+        >>> fig = heatmap.scatter(nnpatch.attribution_patching(model, pairs, site="attn_out", progress=False),
+        ...                       nnpatch.activation_patching(model, pairs, site="attn_out", progress=False))
     """
     if attribution.values.shape != activation.values.shape or attribution.dims != activation.dims:
         raise NNPatchError(

@@ -292,7 +292,6 @@ class _Job:
         self.sites: tuple[Site, ...] = self.table[site]
         self.by = _check_by(by, site, self.sites[0])
         self.layers = _check_layers(layers, self.table.n_layers)
-        self.blocks = resolve(self.module, self.table.blocks)
 
         clean_p, corrupt_p, answer, wrong = _unpack_pairs(clean, corrupt, answer, wrong)
         self.clean_ids = [self._tokens(p, "clean", i) for i, p in enumerate(clean_p)]
