@@ -25,6 +25,8 @@ _LAZY = {
     "attribution_patching": ("nnpatch.sweep", "attribution_patching"),
     "PatchingResult": ("nnpatch.result", "PatchingResult"),
     "Workbench": ("nnpatch.workbench", "Workbench"),
+    "sweep": ("nnpatch.sweep", None),
+    "heatmap": ("nnpatch.heatmap", None),
     "models": ("nnpatch.models", None),
     "tasks": ("nnpatch.tasks", None),
 }

@@ -45,7 +45,7 @@ from IPython.display import display
 from . import _source
 from .errors import NNPatchError
 from .model import Model
-from .sweep import METRICS, activation_patching, attribution_patching
+from .sweep import METRICS, activation_patching, attribution_patching, score
 
 
 def load_ipython_extension(ipython) -> None:
@@ -289,7 +289,7 @@ class PatchEffect:
         n = clean.shape[0]
         answer = _per_prompt(answer, n, "--answer") if answer is not None else clean.argmax(-1).tolist()
         wrong = _per_prompt(wrong, n, "--wrong") if wrong is not None else corrupt.argmax(-1).tolist()
-        scores = [_score(metric, logits, answer, wrong, clean) for logits in (clean, corrupt, patched)]
+        scores = [score(logits, metric, answer, wrong, clean) for logits in (clean, corrupt, patched)]
         span = scores[0] - scores[1]
         effect = (scores[2] - scores[1]) / span if span else math.nan
         decode = getattr(getattr(model, "tokenizer", None), "decode", None)
@@ -306,21 +306,6 @@ class PatchEffect:
             tokens = f"; {first}" + (f", ... ({n} prompts)" if n > 1 else "")
         return (f"PatchEffect({self.metric}: clean {self.clean_score:.4g}, corrupt {self.corrupt_score:.4g}, "
                 f"patched {self.patched_score:.4g}; effect {self.effect:.3f}{undefined}{tokens})")
-
-
-def _score(metric, logits: torch.Tensor, answer: list[int], wrong: list[int], clean: torch.Tensor) -> float:
-    """One run's metric, as the sweeps define it: a mean over prompts of the per-prompt value."""
-    if callable(metric):
-        return float(metric(logits))
-    rows = torch.arange(logits.shape[0])
-    logits = logits.float()
-    if metric in ("logit_diff", "logit_diff_raw"):
-        return float((logits[rows, answer] - logits[rows, wrong]).mean())
-    logprobs = logits.log_softmax(-1)
-    if metric == "prob":
-        return float(logprobs[rows, answer].exp().mean())
-    clean_logprobs = clean.float().log_softmax(-1)  # "kl": KL(clean || this run)
-    return float((clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1).mean())
 
 
 def _token_ids(model, value, option: str) -> list[int] | None:

@@ -71,5 +71,14 @@ def load(name: str, **from_pretrained_kwargs):
         >>> model.tokenizer.decode(model.to_tokens(" Mary"))
         ' Mary'
     """
+    from transformers.utils import logging
+
     from .model import LanguageModel
-    return LanguageModel(str(path(name)), **from_pretrained_kwargs)
+    folder = str(path(name))
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a few MB load at once; a bar would only be noise
+    try:
+        return LanguageModel(folder, **from_pretrained_kwargs)
+    finally:
+        if was_on:
+            logging.enable_progress_bar()

@@ -184,6 +184,52 @@ class PatchedRun:
     metric: str
 
 
+def score(logits: torch.Tensor, metric="logit_diff", answer=None, wrong=None,
+          clean_logits: torch.Tensor | None = None) -> float:
+    """One run's metric from its last-position logits `[n_prompts, vocab]`, as sweeps define it.
+
+    Built-in metrics are the mean over prompts of: "logit_diff" / "logit_diff_raw", the answer's
+    logit minus the wrong token's; "prob", the answer's probability; "kl", KL(clean || this run),
+    which needs `clean_logits`. `answer` and `wrong` are token ids, one or one per prompt. A
+    callable metric is called with the logits.
+
+        >>> import torch, nnpatch
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+        >>> nnpatch.sweep.score(logits, "logit_diff", answer=[0, 2], wrong=[1, 1])
+        1.75
+    """
+    if callable(metric):
+        return float(metric(logits))
+    if metric not in METRICS:
+        raise NNPatchError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)} "
+                           "or pass a function of the last-position logits [n_prompts, vocab]")
+    logits, n = logits.float(), logits.shape[0]
+
+    def ids(tokens, what):
+        if tokens is None:
+            if metric == "kl" or (what == "wrong" and metric == "prob"):
+                return None
+            raise NNPatchError(f"metric {metric!r} needs {what}=... (a token id, or one per prompt)")
+        return torch.as_tensor(tokens, device=logits.device).reshape(-1).expand(n)
+
+    if metric == "kl" and clean_logits is None:
+        raise NNPatchError('metric "kl" needs clean_logits=... (the clean run\'s last-position logits)')
+    clean_logprobs = None if clean_logits is None else clean_logits.float().log_softmax(-1)
+    stats = _row_scores(metric, logits, ids(answer, "answer"), ids(wrong, "wrong"), clean_logprobs)
+    return float(stats.float().mean())
+
+
+def _row_scores(metric: str, logits, answer, wrong, clean_logprobs) -> torch.Tensor:
+    """Per-row statistic of a built-in metric; `answer`, `wrong` are id tensors `[rows]`."""
+    if metric in ("logit_diff", "logit_diff_raw"):
+        return (logits.gather(-1, answer[:, None]) - logits.gather(-1, wrong[:, None]))[:, 0]
+    logprobs = logits.float().log_softmax(-1)
+    if metric == "prob":
+        return logprobs.gather(-1, answer[:, None])[:, 0].exp()
+    clean_logprobs = clean_logprobs.to(logprobs.device)
+    return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)  # KL(clean || patched)
+
+
 def patch_cells(model, clean, corrupt=None, cells=(), *, site: str = "resid_pre",
                 by: Sequence[str] | str = ("layer", "pos"), answer=None, wrong=None,
                 metric: str | Callable = "logit_diff", direction: str = "denoise") -> PatchedRun:
@@ -545,13 +591,11 @@ class _Metric:
         if out.dim() == 1:  # already the logit differences
             return out
         idx = torch.as_tensor(pairs, device=out.device)
-        if self.name in ("logit_diff", "logit_diff_raw"):
-            return (out.gather(-1, group.answer[idx, None]) - out.gather(-1, group.wrong[idx, None]))[:, 0]
-        logprobs = out.float().log_softmax(-1)
-        if self.name == "prob":
-            return logprobs.gather(-1, group.answer[idx, None])[:, 0].exp()
-        clean = self.clean_logprobs[torch.as_tensor(group.pairs)[idx.cpu()]].to(logprobs.device)
-        return (clean.exp() * (clean - logprobs)).sum(-1)  # KL(clean || patched)
+        pick = lambda ids: None if ids is None else ids[idx]  # noqa: E731
+        clean = None
+        if self.name == "kl":
+            clean = self.clean_logprobs[torch.as_tensor(group.pairs)[idx.cpu()]]
+        return _row_scores(self.name, out, pick(group.answer), pick(group.wrong), clean)
 
     def aggregate(self, stats: torch.Tensor) -> torch.Tensor:
         """One cell's value from its rows' statistics, in pair order."""

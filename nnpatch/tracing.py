@@ -68,6 +68,7 @@ class Tracer:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
         frame = self._frame
         _source.restore_tracing(frame, self._previous_tracer)
         del self._frame
@@ -282,7 +283,7 @@ class Invoke:
 
     def value_of(self, other: "Invoke", event: Event):
         """Another invoke's rows of a module value, read from this invoke."""
-        if other.pass_ is not self.pass_:
+        if other not in self.pass_.invokes:
             raise NNPatchError(
                 f"invoke {other.index} is not part of this forward pass, so its {_name(event)} "
                 "cannot be read here; read it inside that invoke and assign it to a variable")
@@ -486,7 +487,9 @@ class _Pass:
     # -- what an invoke sees ---------------------------------------------------------------------
     def view(self, inv: Invoke, event: Event):
         value = self.fired[event]
-        narrow = lambda t: inv.rows.narrow(t, self.batch.size)  # noqa: E731
+        # `inv` may be a later invoke of this pass that has not started yet (model.of).
+        rows = self.batch.rows[self.invokes.index(inv)]
+        narrow = lambda t: rows.narrow(t, self.batch.size)  # noqa: E731
         if event[1] == "input":
             args, kwargs = value
             return map_tensors(narrow, (args, kwargs))
@@ -621,6 +624,40 @@ def _drop_context(e: BaseException) -> None:
 
 
 _ENGINE_DIR = __file__.rsplit("/", 1)[0]
+
+
+def _without_exit_frames(tb):
+    """`tb` without the frames of `Tracer.__exit__`, which re-raises the trace body's errors."""
+    entries = []
+    while tb is not None:
+        if tb.tb_frame.f_code is not Tracer.__exit__.__code__:
+            entries.append(tb)
+        tb = tb.tb_next
+    result = None
+    for entry in reversed(entries):
+        result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return result
+
+
+class _ExceptHook:
+    """Uncaught errors of a script's trace body show the script's lines only.
+
+    Wraps whatever `sys.excepthook` was, and changes nothing but the one frame of the engine's
+    that every re-raised error passes through (IPython and pytest skip it by `__tracebackhide__`).
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, exc_type, exc, tb):
+        tb = _without_exit_frames(tb)
+        if isinstance(exc, BaseException):
+            exc.__traceback__ = tb  # the default hook prints the exception's own traceback
+        self.previous(exc_type, exc, tb)
+
+
+if not isinstance(sys.excepthook, _ExceptHook):
+    sys.excepthook = _ExceptHook(sys.excepthook)
 
 
 def _user_frames(tb, user_file: str):

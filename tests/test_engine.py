@@ -314,7 +314,23 @@ def test_errors_show_the_users_line_not_engine_frames(lm):
     frames = traceback.extract_tb(e.value.__traceback__)
     assert any(f.line.strip().startswith("1 / 0") for f in frames)
     inner = [f for f in frames if "/nnpatch/" in f.filename]
-    assert len(inner) <= 1  # at most the with-statement's exit, nothing from inside the model
+    assert [f.name for f in inner] == ["__exit__"]  # the re-raise; nothing from inside the model
+
+
+def test_uncaught_trace_errors_in_a_script_show_no_engine_frame(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch, nnpatch\n"
+        "model = nnpatch.Model(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()))\n"
+        "with model.trace(torch.ones(1, 3)):\n"
+        "    h = model[0].output\n"
+        "    h / undefined_name\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "NameError" in run.stderr and "h / undefined_name" in run.stderr
+    assert "nnpatch" not in run.stderr.replace("import torch, nnpatch", ""), run.stderr
 
 
 def test_model_unchanged_after_error_and_interrupt(lm, hf):
@@ -369,6 +385,13 @@ def test_reading_another_invokes_rows_by_module(lm, hf):
             layers[1].output[:, 5] = block_envoys(other)[1].output[:, 5]
             patched = lm.output.logits.save()
     assert close(patched, ref)
+    with lm.trace() as tracer:                                   # the source invoke written later
+        with tracer.invoke(B):
+            layers[1].output[:, 5] = block_envoys(lm.of(clean_run))[1].output[:, 5]
+            patched_first = lm.output.logits.save()
+        with tracer.invoke(A) as clean_run:
+            pass
+    assert close(patched_first, ref)
     with pytest.raises(nnpatch.NNPatchError, match="read-only"):
         with lm.trace() as tracer:
             with tracer.invoke(A) as clean_run:

@@ -1,0 +1,17 @@
+"""Every example in nnpatch's docstrings runs and prints what it shows."""
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import nnpatch
+
+MODULES = ["nnpatch"] + [f"nnpatch.{m.name}" for m in pkgutil.iter_modules(nnpatch.__path__)]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed"
