@@ -117,7 +117,15 @@ def _program_from_source(frame: types.FrameType, implicit_invoke: bool) -> Trace
     if program is None:
         tree = _PARSED.get((filename, hash(source)))
         if tree is None:
-            tree = _PARSED[(filename, hash(source))] = ast.parse(source, filename)
+            try:
+                tree = _PARSED[(filename, hash(source))] = ast.parse(source, filename)
+            except SyntaxError as e:
+                raise NNPatchError(
+                    f"nnpatch reads a trace's body from its source, but the source it finds for "
+                    f"{filename!r} is not the code that is running ({e.msg}, line {e.lineno}): the "
+                    "file changed since it was loaded, or a string was exec'd under a file's name. "
+                    "Compile such strings with nnpatch.tracing.compile_source(source, filename)."
+                ) from None
         node = _find_with(tree, lineno, filename)
         program = _PROGRAMS[key] = _compile_trace(node, filename, implicit_invoke)
     return program

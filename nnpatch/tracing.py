@@ -58,6 +58,7 @@ class Tracer:
 
     # -- the with-block ---------------------------------------------------------------------------
     def __enter__(self):
+        __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
         frame = sys._getframe(1)
         self._frame = frame
         try:
@@ -627,10 +628,12 @@ _ENGINE_DIR = __file__.rsplit("/", 1)[0]
 
 
 def _without_exit_frames(tb):
-    """`tb` without the frames of `Tracer.__exit__`, which re-raises the trace body's errors."""
+    """`tb` without the frames of `Tracer.__enter__` and `__exit__`, which raise the errors found
+    in the trace's source and re-raise the errors of its body."""
+    hidden = (Tracer.__enter__.__code__, Tracer.__exit__.__code__)
     entries = []
     while tb is not None:
-        if tb.tb_frame.f_code is not Tracer.__exit__.__code__:
+        if tb.tb_frame.f_code not in hidden:
             entries.append(tb)
         tb = tb.tb_next
     result = None
@@ -643,7 +646,7 @@ class _ExceptHook:
     """Uncaught errors of a script's trace body show the script's lines only.
 
     Wraps whatever `sys.excepthook` was, and changes nothing but the one frame of the engine's
-    that every re-raised error passes through (IPython and pytest skip it by `__tracebackhide__`).
+    that such errors pass through (IPython and pytest skip it by `__tracebackhide__`).
     """
 
     def __init__(self, previous):

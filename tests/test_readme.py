@@ -1,0 +1,34 @@
+"""The README's Python examples run as written, and its commands are the ones CI uses."""
+import contextlib
+import io
+import re
+from pathlib import Path
+
+from nnpatch.tracing import compile_source
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_python_examples_run_and_print_what_they_say():
+    plain = [b for b in blocks("python") if not b.lstrip().startswith("%")]
+    assert len(plain) >= 3
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for block in plain:
+            exec(compile_source(block, "<README.md>"), namespace)
+    assert out.getvalue().splitlines()[0] == " Mary"      # the engine example's patched answer
+    result, estimate = namespace["result"], namespace["estimate"]
+    assert result.values.shape == estimate.values.shape == (4, 14)
+
+
+def test_two_commands_and_ci_runs_the_second():
+    (commands,) = blocks("bash")
+    lines = [line.split("#")[0].strip() for line in commands.strip().splitlines()]
+    assert lines == ["bash scripts/install.sh && nnpatch sweep", "bash scripts/test.sh"]
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
