@@ -50,7 +50,8 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                         metric: str | Callable = "logit_diff", site: str = "resid_pre",
                         by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                         layers: Sequence[int] | None = None, batch_size: int | None = None,
-                        memory_budget: int = 1 << 30, progress: bool = True) -> PatchingResult:
+                        memory_budget: int = 1 << 30,
+                        progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Patch every cell of a site, one cell at a time, and measure the metric.
 
     `clean` is a prompt, a list of prompts, or task pairs (an object with list attributes
@@ -68,6 +69,8 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     `direction="denoise"` patches clean activations into the corrupt run; "noise" patches corrupt
     activations into the clean run. `layers` restricts the sweep to some layers. Patched runs
     are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow).
+    `progress` shows a tqdm bar (True), nothing (False), or is called as `progress(done, total)`
+    as patched runs finish, e.g. to drive a widget's progress bar.
 
         >>> import nnpatch
         >>> model = nnpatch.models.load("ioi")
@@ -112,7 +115,8 @@ def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                          metric: str | Callable = "logit_diff", site: str = "resid_pre",
                          by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                          layers: Sequence[int] | None = None, batch_size: int | None = None,
-                         memory_budget: int = 1 << 30, progress: bool = True) -> PatchingResult:
+                         memory_budget: int = 1 << 30,
+                        progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Estimate `activation_patching` for every cell from two forwards and one backward.
 
     Same arguments and result type as `activation_patching` (`batch_size` and `memory_budget`
@@ -1033,6 +1037,22 @@ def _last_logits(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits[:, -1]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, progress: bool | Callable[[int, int], None]):
+    """A tqdm bar, or for a callable `progress` an object that calls it with (done, total)."""
+    if callable(progress):
+        return _CallbackProgress(total, progress)
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="run", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=False)
+
+
+class _CallbackProgress:
+    def __init__(self, total: int, report: Callable[[int, int], None]):
+        self.done, self.total, self.report = 0, total, report
+        report(0, total)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.report(self.done, self.total)
+
+    def close(self) -> None:
+        pass

@@ -62,6 +62,7 @@ class _Controls(anywidget.AnyWidget):
     answer_options = t.List().tag(sync=True)  # [[token, prob], ...] of the clean run
     wrong_options = t.List().tag(sync=True)  # [[token, prob], ...] of the corrupt run
     busy = t.Bool(False).tag(sync=True)
+    progress = t.Float(0.0).tag(sync=True)  # fraction of the running sweep's patched runs done
     summary = t.Dict().tag(sync=True)  # the last run: scores, cell count, seconds
     message = t.Unicode("").tag(sync=True)  # what went wrong, in words
 
@@ -161,13 +162,17 @@ class Workbench(ipywidgets.VBox):
             settings = Settings(c.clean, c.corrupt, c.answer, c.wrong, site=c.site,
                                 by=GRANULARITIES.get(c.granularity, ()), metric=c.metric)
             start = time.perf_counter()
-            result = self.controller.run(settings)
+            result = self.controller.run(settings, progress=self._report_progress)
             seconds = time.perf_counter() - start
             self._show_heatmap(new=True)
             c.summary = _json_safe({"clean_score": float(result.clean_score), "corrupt_score": float(result.corrupt_score),
                                     "cells": int(result.values.numel()), "seconds": seconds, "metric": settings.metric})
             i = self.inspector
             i.ready, i.detail, i.selection, i.combined, i.code, i.message = True, {}, [], {}, "", ""
+
+    def _report_progress(self, done: int, total: int) -> None:
+        # Trait changes reach the browser while the kernel is still busy with the sweep.
+        self.controls.progress = done / total if total else 0.0
 
     def _show_heatmap(self, new: bool = False):
         fig = self.controller.figure()

@@ -22,7 +22,7 @@ import difflib
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -134,10 +134,11 @@ class WorkbenchController:
         return answer, wrong
 
     # -- the heatmap ---------------------------------------------------------------------------
-    def run(self, settings: Settings):
-        """Sweep every cell; the result becomes the heatmap, and earlier cells are forgotten."""
+    def run(self, settings: Settings, progress: Callable[[int, int], None] | None = None):
+        """Sweep every cell; the result becomes the heatmap, and earlier cells are forgotten.
+        `progress(done, total)` is called as patched runs finish."""
         self._check(settings)
-        self.result = _activation_patching(self.model, settings)
+        self.result = _activation_patching(self.model, settings, progress)
         self.settings = settings
         self.inspected, self.selection = None, []
         return self.result
@@ -288,11 +289,11 @@ def _metric_names() -> list[str]:
     return list(importlib.import_module("nnpatch.sweep").METRICS)
 
 
-def _activation_patching(model, s: Settings):
+def _activation_patching(model, s: Settings, progress=None):
     import nnpatch
     # No tqdm bar: inside a widget callback it would land in JupyterLab's log console.
     return nnpatch.activation_patching(model, s.clean, s.corrupt, answer=s.answer, wrong=s.wrong,
-                                       metric=s.metric, site=s.site, by=s.by, progress=False)
+                                       metric=s.metric, site=s.site, by=s.by, progress=progress or False)
 
 
 def _patch_cells(model, s: Settings, cells: list[Cell]):

@@ -322,6 +322,21 @@ def test_interrupt_leaves_the_model_clean():
     close(got.values, want)
 
 
+def test_progress_callback_counts_every_patched_run():
+    hf = gpt2()
+    calls = []
+    nnpatch.activation_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, by=("layer", "pos"),
+                                batch_size=5, progress=lambda done, total: calls.append((done, total)))
+    total = calls[0][1]
+    assert total == 3 * 7 * len(CLEAN)  # a run per layer, position and pair
+    assert calls[0] == (0, total) and calls[-1] == (total, total) and len(calls) > 3
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    calls.clear()
+    nnpatch.attribution_patching(hf, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG,
+                                 progress=lambda done, total: calls.append((done, total)))
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
+
+
 def test_layers_subset():
     hf = llama()
     want, _, _ = naive(hf, "mlp_out", ("layer", "pos"), "denoise")

@@ -217,6 +217,9 @@ def test_workbench_in_jupyterlab(tmp_path):
             assert_close(shown(page, ".nnp-summary .nnp-corrupt_score"), result.corrupt_score)
             z = page.evaluate("() => document.querySelector('.nnpatch-workbench .js-plotly-plot').data[0].z")
             assert torch.allclose(torch.tensor(z, dtype=torch.float32), result.values, atol=TOL)
+            # The Run button's bar was driven by the sweep to the end, and hides when it is done.
+            assert page.evaluate("() => document.querySelector('.nnp-progress').value") == 1
+            assert page.locator(".nnp-progress").is_hidden()
 
             # Hover shows a cell's value; a click shows its detail: patch_cells of that cell alone.
             x, y = page.evaluate(CELL_XY, list(INSPECT))

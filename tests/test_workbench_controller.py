@@ -302,8 +302,11 @@ def test_workbench_shows_messages_instead_of_raising(model):
     c.clean = PAIR.clean
     wb.inspect((0, 0))
     assert "click Run" in i.message
+    shown = []
+    c.observe(lambda change: shown.append(change["new"]), names="progress")
     c.action = {"name": "run", "seq": -1}
     assert c.message == "" and i.ready and c.summary["cells"] == 4 * len(model.to_tokens(PAIR.clean))
+    assert shown[-1] == 1.0 and shown == sorted(shown)  # the Run button's bar filled as runs finished
     wb.inspect((9, 9))
     assert "outside the heatmap" in i.message
     wb.inspect((1, PAIR.meta["s2"]))

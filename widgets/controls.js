@@ -142,7 +142,7 @@ function render({ model, el }) {
 
   // -- run ----------------------------------------------------------------------------------------
   const runButton = h("button", { class: "nnp-run", type: "button" }, "Run");
-  const progress = h("progress", { class: "nnp-progress" });
+  const progress = h("progress", { class: "nnp-progress", max: "1" });
   const summary = h("span", { class: "nnp-summary" });
   runButton.addEventListener("click", () => {
     // What is in the fields now is what runs, even if the user has not paused typing.
@@ -155,13 +155,18 @@ function render({ model, el }) {
     model.set("action", { name: "run", seq: Date.now() });
     model.save_changes();
   });
-  // The sweep reports no progress while it runs, so the bar is indeterminate (it still moves,
-  // as the browser animates it, while the kernel is busy).
+  // Indeterminate until the sweep reports its first finished runs, then the fraction done.
   on("busy", () => {
     const busy = model.get("busy");
     runButton.disabled = busy;
     progress.hidden = !busy;
+    if (busy) progress.removeAttribute("value");
     root.classList.toggle("nnp-busy", busy);
+  });
+  on("progress", () => {
+    const done = model.get("progress");
+    if (done > 0) progress.value = done;
+    else progress.removeAttribute("value");
   });
   on("summary", () => {
     const s = model.get("summary");
