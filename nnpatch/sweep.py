@@ -823,7 +823,7 @@ class _Engine:
         if start_layer > 0:
             resid = self.base_resid[start_layer][pairs, start_pos:]  # [rows, pos', d]
             block = Site(f"{job.table.blocks}.{start_layer}", "input")
-            specs.append((block.path, "input", _replace_input(block, lambda _: resid)))
+            specs.append((block.path, "input", _replace(block, lambda _: resid)))
         for layer, patch in self._patches(rows, pairs, start_pos).items():
             site = job.sites[layer]
             if site.via is None:
@@ -839,7 +839,7 @@ class _Engine:
             for name in ("head_out", "mlp_out"):
                 if name in job.table:
                     trimmed = Site(job.table[name][last].path, "input")
-                    specs.append((trimmed.path, "input", _replace_input(trimmed, lambda x: x[:, -1:])))
+                    specs.append((trimmed.path, "input", _replace(trimmed, lambda x: x[:, -1:])))
         cache = self._prefix_cache(pairs, start_pos) if start_pos > 0 else None
         with torch.no_grad(), hooks(job.module, specs), _skipping(self.job.module, job.table.blocks,
                                                                   start_layer, self.block_out_len):
@@ -945,18 +945,17 @@ def _grad_probe(site: Site, values: list, deltas: list | None, i: int):
             return value
         deltas[i] = torch.zeros_like(value, requires_grad=True)
         return value + deltas[i]
+    return _replace(site, swap)
+
+
+def _replace(site: Site, fn):
+    """A forward hook (pre-hook for an input site) that replaces the site's value `x` by `fn(x)`."""
     if site.kind == "input":
         def hook(module, args, kwargs):
-            return site.with_input(args, kwargs, swap(site.read(args, kwargs)))
+            return site.with_input(args, kwargs, fn(site.read(args, kwargs)))
     else:
         def hook(module, args, kwargs, output):
-            return site.with_output(output, swap(site.read(args, kwargs, output)))
-    return hook
-
-
-def _replace_input(site: Site, fn):
-    def hook(module, args, kwargs):
-        return site.with_input(args, kwargs, fn(site.read(args, kwargs)))
+            return site.with_output(output, fn(site.read(args, kwargs, output)))
     return hook
 
 
@@ -975,13 +974,7 @@ def _patch_hook(site: Site, patch, stream: dict | None = None):
         else:
             x.view(*x.shape[:-1], heads, -1)[rows, local, head] = new
         return x
-    if site.kind == "input":
-        def hook(module, args, kwargs):
-            return site.with_input(args, kwargs, apply(site.read(args, kwargs)))
-    else:
-        def hook(module, args, kwargs, output):
-            return site.with_output(output, apply(site.read(args, kwargs, output)))
-    return hook
+    return _replace(site, apply)
 
 
 class _Skip(torch.nn.Module):

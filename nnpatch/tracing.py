@@ -631,15 +631,7 @@ def _without_exit_frames(tb):
     """`tb` without the frames of `Tracer.__enter__` and `__exit__`, which raise the errors found
     in the trace's source and re-raise the errors of its body."""
     hidden = (Tracer.__enter__.__code__, Tracer.__exit__.__code__)
-    entries = []
-    while tb is not None:
-        if tb.tb_frame.f_code not in hidden:
-            entries.append(tb)
-        tb = tb.tb_next
-    result = None
-    for entry in reversed(entries):
-        result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return result
+    return _chain([entry for entry in _entries(tb) if entry.tb_frame.f_code not in hidden])
 
 
 class _ExceptHook:
@@ -665,18 +657,30 @@ if not isinstance(sys.excepthook, _ExceptHook):
 
 def _user_frames(tb, user_file: str):
     """The traceback without nnpatch's frames and the model plumbing they call."""
-    entries = []
+    kept = []
     in_engine = False
-    while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
+    for entry in _entries(tb):
+        filename = entry.tb_frame.f_code.co_filename
         if filename == user_file:
             in_engine = False
-            entries.append(tb)
+            kept.append(entry)
         elif filename.startswith(_ENGINE_DIR) or "greenlet" in filename:
             in_engine = True
         elif not in_engine:
-            entries.append(tb)
+            kept.append(entry)
+    return _chain(kept)
+
+
+def _entries(tb) -> list:
+    entries = []
+    while tb is not None:
+        entries.append(tb)
         tb = tb.tb_next
+    return entries
+
+
+def _chain(entries: list):
+    """A new traceback through `entries`, outermost first."""
     result = None
     for entry in reversed(entries):
         result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
