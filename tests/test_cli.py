@@ -72,3 +72,26 @@ def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch, tmp_path):
     assert cli.main(["lab", "--dir", str(tmp_path)]) == 0
     assert calls == [[sys.executable, "-m", "jupyterlab", f"--notebook-dir={tmp_path}"]]
     assert cli.main(["lab", "--dir", str(tmp_path / "missing")]) == 2
+
+
+def test_the_readmes_main_job_as_installed(tmp_path):
+    """`nnpatch sweep` as the README's first command runs it: the console script, the bundled
+    IOI model, its default pairs. The heatmap it prints is the API's."""
+    import shutil
+    import subprocess
+    command = shutil.which("nnpatch")
+    if command is None:
+        import os
+        if os.environ.get("CI"):
+            pytest.fail("the nnpatch console script is not installed; scripts/install.sh installs it")
+        pytest.skip("the nnpatch console script is not installed (pip install -e .)")
+    out = tmp_path / "results.html"
+    run = subprocess.run([command, "sweep", "--out", str(out), "--save", str(tmp_path / "r.safetensors")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_size > 100_000 and "wrote" in run.stdout
+    saved = PatchingResult.load(tmp_path / "r.safetensors")
+    model = nnpatch.models.load("ioi")
+    want = nnpatch.activation_patching(model, nnpatch.tasks.ioi(8, template=0), progress=False)
+    assert torch.allclose(saved.values, want.values, atol=1e-5)
+    assert "L0" in run.stdout and "L3" in run.stdout
