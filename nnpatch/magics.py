@@ -45,7 +45,8 @@ from IPython.display import display
 from . import _source
 from .errors import NNPatchError
 from .model import Model
-from .sweep import METRICS, activation_patching, attribution_patching, score
+from .sweep import (_NEEDS, METRICS, _from_task_pairs, activation_patching, attribution_patching,
+                    score)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -214,11 +215,7 @@ class PatchingMagics(Magics):
         corrupt = self._value(args.corrupt, "--corrupt") if args.corrupt else None
         answer = self._value(args.answer, "--answer") if args.answer else None
         wrong = self._value(args.wrong, "--wrong") if args.wrong else None
-        if hasattr(clean, "clean") and hasattr(clean, "corrupt"):  # task pairs
-            task, clean = clean, clean.clean
-            corrupt = task.corrupt if corrupt is None else corrupt
-            answer = getattr(task, "answer", None) if answer is None else answer
-            wrong = getattr(task, "wrong", None) if wrong is None else wrong
+        clean, corrupt, answer, wrong = _from_task_pairs(clean, corrupt, answer, wrong)
         if corrupt is None:
             raise UsageError("--corrupt is missing: give corrupt prompts, or task pairs to --clean "
                              "(e.g. --clean nnpatch.tasks.ioi(8, template=0))")
@@ -350,7 +347,7 @@ def _last_logits(output, model_name: str) -> torch.Tensor:
     return (logits[:, -1] if logits.dim() == 3 else logits).detach()
 
 
-_NEEDS_ANSWERS = ("logit_diff", "logit_diff_raw", "prob")
+_NEEDS_ANSWERS = tuple(name for name, tokens in _NEEDS.items() if tokens)
 
 
 def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:

@@ -40,6 +40,8 @@ from .sites import Site, Sites, sites as standard_sites
 
 BY = (("layer",), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
 METRICS = ("logit_diff", "logit_diff_raw", "prob", "kl")
+# The tokens each built-in metric compares ("kl" compares whole distributions).
+_NEEDS = {"logit_diff": ("answer", "wrong"), "logit_diff_raw": ("answer", "wrong"), "prob": ("answer",), "kl": ()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                          by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                          layers: Sequence[int] | None = None, batch_size: int | None = None,
                          memory_budget: int = 1 << 30,
-                        progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
+                         progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Estimate `activation_patching` for every cell from two forwards and one backward.
 
     Same arguments and result type as `activation_patching` (`batch_size` and `memory_budget`
@@ -207,20 +209,16 @@ def score(logits: torch.Tensor, metric="logit_diff", answer=None, wrong=None,
     if metric not in METRICS:
         raise NNPatchError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)} "
                            "or pass a function of the last-position logits [n_prompts, vocab]")
-    logits, n = logits.float(), logits.shape[0]
-
-    def ids(tokens, what):
-        if tokens is None:
-            if metric == "kl" or (what == "wrong" and metric == "prob"):
-                return None
+    logits = logits.float()  # [n_prompts, vocab]
+    tokens = {"answer": answer, "wrong": wrong}
+    for what in _NEEDS[metric]:
+        if tokens[what] is None:
             raise NNPatchError(f"metric {metric!r} needs {what}=... (a token id, or one per prompt)")
-        return torch.as_tensor(tokens, device=logits.device).reshape(-1).expand(n)
-
+        tokens[what] = torch.as_tensor(tokens[what], device=logits.device).reshape(-1).expand(len(logits))
     if metric == "kl" and clean_logits is None:
         raise NNPatchError('metric "kl" needs clean_logits=... (the clean run\'s last-position logits)')
     clean_logprobs = None if clean_logits is None else clean_logits.float().log_softmax(-1)
-    stats = _row_scores(metric, logits, ids(answer, "answer"), ids(wrong, "wrong"), clean_logprobs)
-    return float(stats.float().mean())
+    return float(_row_scores(metric, logits, tokens["answer"], tokens["wrong"], clean_logprobs).mean())
 
 
 def _row_scores(metric: str, logits, answer, wrong, clean_logprobs) -> torch.Tensor:
@@ -496,12 +494,19 @@ class _Job:
                               model=self.model_name)
 
 
+def _from_task_pairs(clean, corrupt, answer, wrong):
+    """`clean` as given, or, when it is task pairs (with lists `clean`, `corrupt` and optionally
+    `answer`, `wrong`), its prompts, with the other arguments defaulting to its lists."""
+    if not (hasattr(clean, "clean") and hasattr(clean, "corrupt")):
+        return clean, corrupt, answer, wrong
+    task = clean
+    return (task.clean, task.corrupt if corrupt is None else corrupt,
+            getattr(task, "answer", None) if answer is None else answer,
+            getattr(task, "wrong", None) if wrong is None else wrong)
+
+
 def _unpack_pairs(clean, corrupt, answer, wrong):
-    if hasattr(clean, "clean") and hasattr(clean, "corrupt"):  # task pairs
-        task = clean
-        clean, corrupt = list(task.clean), list(task.corrupt) if corrupt is None else corrupt
-        answer = getattr(task, "answer", None) if answer is None else answer
-        wrong = getattr(task, "wrong", None) if wrong is None else wrong
+    clean, corrupt, answer, wrong = _from_task_pairs(clean, corrupt, answer, wrong)
     if corrupt is None:
         raise NNPatchError("patching needs corrupt prompts: pass corrupt=..., or task pairs (an object "
                            "with clean, corrupt, answer and wrong lists, e.g. nnpatch.tasks.ioi(8))")
@@ -578,8 +583,7 @@ class _Metric:
         else:
             raise NNPatchError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)} "
                                "or pass a function of the last-position logits [n_pairs, vocab]")
-        needs = {"logit_diff": ("answer", "wrong"), "logit_diff_raw": ("answer", "wrong"), "prob": ("answer",)}
-        for what in needs.get(self.name if self.fn is None else "", ()):
+        for what in _NEEDS.get(self.name if self.fn is None else "", ()):
             if getattr(job, what) is None:
                 raise NNPatchError(f"metric {self.name!r} needs {what}=... (a single token, or one per pair), "
                                    "or task pairs that carry answers")

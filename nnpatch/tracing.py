@@ -284,7 +284,7 @@ class Invoke:
 
     def value_of(self, other: "Invoke", event: Event):
         """Another invoke's rows of a module value, read from this invoke."""
-        if other not in self.pass_.invokes:
+        if other not in self.pass_.rows:
             raise NNPatchError(
                 f"invoke {other.index} is not part of this forward pass, so its {_name(event)} "
                 "cannot be read here; read it inside that invoke and assign it to a variable")
@@ -350,6 +350,8 @@ class _Pass:
         self.tracer, self.group, self.invokes = tracer, group, invokes
         self.model = tracer.model
         self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in invokes])
+        # Known before any invoke starts, so one invoke can read a later one's rows (model.of).
+        self.rows: dict[Invoke, Rows] = dict(zip(invokes, self.batch.rows))
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
         self.ready: list[Invoke] = []
@@ -363,7 +365,7 @@ class _Pass:
         outer = self._outer()
         try:
             with torch.enable_grad() if self.grad else torch.no_grad():
-                for inv, rows in zip(self.invokes, self.batch.rows):
+                for inv, rows in self.rows.items():
                     inv.start(self, rows, outer)
                     self._drain()
                 if any(not inv.done for inv in self.invokes):
@@ -488,8 +490,7 @@ class _Pass:
     # -- what an invoke sees ---------------------------------------------------------------------
     def view(self, inv: Invoke, event: Event):
         value = self.fired[event]
-        # `inv` may be a later invoke of this pass that has not started yet (model.of).
-        rows = self.batch.rows[self.invokes.index(inv)]
+        rows = self.rows[inv]
         narrow = lambda t: rows.narrow(t, self.batch.size)  # noqa: E731
         if event[1] == "input":
             args, kwargs = value

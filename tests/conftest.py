@@ -49,6 +49,18 @@ def blocks(hf):
     return hf.model.layers
 
 
+def hooked_forward(hf, text, module_hooks):
+    """Logits of a plain forward with `(module, forward_hook)` pairs attached; the hand-written
+    reference the engine's results are compared with."""
+    handles = [module.register_forward_hook(hook) for module, hook in module_hooks]
+    try:
+        with torch.no_grad():
+            return hf(ids(text)).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_envoys(model):
     return model.transformer.h if hasattr(model._module, "transformer") else model.model.layers
 
@@ -59,6 +71,15 @@ def all_hooks(module):
     for m in module.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
     return n
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, which only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["gpt2", "llama"])

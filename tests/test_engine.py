@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nnpatch
-from conftest import all_hooks, block_envoys, blocks, ids, prompt
+from conftest import all_hooks, block_envoys, blocks, hooked_forward, ids, prompt
 
 A = prompt(3, 5, 7, 9, 11, 13)
 B = prompt(4, 6, 8, 10, 12, 14)
@@ -14,21 +14,15 @@ def run_with_hooks(hf, text, patches=None, record=()):
     """Plain forward with forward hooks: patches {layer: fn(hidden) -> hidden}, records block outputs."""
     patches = patches or {}
     seen = {}
-    handles = []
-    for i, blk in enumerate(blocks(hf)):
-        def hook(m, args, out, i=i):
+
+    def hook_for(i):
+        def hook(m, args, out):
             if i in patches:
                 out = patches[i](out.clone())
             seen[i] = out.clone()
             return out
-        handles.append(blk.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = hf(ids(text)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, seen
+        return hook
+    return hooked_forward(hf, text, [(b, hook_for(i)) for i, b in enumerate(blocks(hf))]), seen
 
 
 def close(a, b, tol=1e-5):

@@ -12,17 +12,13 @@ from hypothesis import strategies as st
 
 import nnpatch
 import torch
-from conftest import all_hooks, gpt2, ids, llama, prompt, word_tokenizer
+from conftest import all_hooks, blocks, gpt2, hooked_forward, llama, prompt, word_tokenizer
 from nnpatch._source import compile_source
 
 N_LAYERS = 3
 MODELS = {"gpt2": gpt2(n_layer=N_LAYERS, seed=2), "llama": llama(n_layer=N_LAYERS, seed=2)}
 WRAPPED = {k: nnpatch.LanguageModel(m, tokenizer=word_tokenizer()) for k, m in MODELS.items()}
 PATH = {"gpt2": "M.transformer.h[{}]", "llama": "M.model.layers[{}]"}
-
-
-def blocks_of(hf):
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
 
 
 def reference(hf, text, patches, sources_wanted, values):
@@ -41,14 +37,7 @@ def reference(hf, text, patches, sources_wanted, values):
             return out
         return fn
 
-    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks_of(hf))]
-    try:
-        with torch.no_grad():
-            logits = hf(ids(text)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs, recorded
+    return hooked_forward(hf, text, [(b, hook(i)) for i, b in enumerate(blocks(hf))]), outs, recorded
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import all_hooks, gpt2, ids, prompt, word_tokenizer
+from conftest import all_hooks, gpt2, hooked_forward, prompt, word_tokenizer
 
 pytest.importorskip("IPython")
 from IPython.core.error import UsageError  # noqa: E402
@@ -60,13 +60,7 @@ def ok(shell, cell):
 
 def forward(hf, text, edits=()):
     """Logits of a plain forward, with forward hooks `(module, fn(output) -> output)` attached."""
-    handles = [m.register_forward_hook(lambda mod, args, out, fn=fn: fn(out)) for m, fn in edits]
-    try:
-        with torch.no_grad():
-            return hf(ids(text)).logits
-    finally:
-        for h in handles:
-            h.remove()
+    return hooked_forward(hf, text, [(m, lambda mod, args, out, fn=fn: fn(out)) for m, fn in edits])
 
 
 def captured(hf, text, module):

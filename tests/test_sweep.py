@@ -32,13 +32,7 @@ def llama(seed=0):
 BUILD = {"gpt2": gpt2, "llama": llama}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny, so intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def place(hf, site, layer):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import nnpatch
-from test_sites import SEQUENTIAL, PARALLEL, build, one_thread  # noqa: F401
+from test_sites import SEQUENTIAL, PARALLEL, build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLEAN = [[3, 4, 5, 6, 7, 8], [9, 4, 10, 11, 7, 12]]
 CORRUPT = [[3, 4, 13, 6, 7, 8], [9, 4, 14, 11, 15, 12]]

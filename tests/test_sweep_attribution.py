@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import nnpatch
-from test_sweep import ANSWER, BUILD, CLEAN, CORRUPT, WRONG, all_hooks, close, one_thread, place  # noqa: F401
+from test_sweep import ANSWER, BUILD, CLEAN, CORRUPT, WRONG, all_hooks, close, place
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(hf, site, by, direction, metric="logit_diff", clean=CLEAN, corrupt=CORRUPT):
