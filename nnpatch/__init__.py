@@ -4,31 +4,34 @@
     >>> model = nnpatch.models.load("ioi")                      # a bundled demo model
     >>> with model.trace("When Mary and John went to the store, John gave a drink to"):
     ...     hidden = model.transformer.h[1].output[0].save()
+
+Three layers, importing one way: `nnpatch.engine` (traces) <- `nnpatch.patching` (sites,
+metrics, sweeps) <- `nnpatch.jupyter` (plots, magics, the workbench); see docs/architecture.md.
 """
 import importlib
 
+from .engine import LanguageModel, Model
 from .errors import NNPatchError
-from .model import LanguageModel, Model
 
 __all__ = [
     "Model", "LanguageModel", "NNPatchError",
     "sites", "register_sites", "activation_patching", "attribution_patching", "PatchingResult",
-    "Workbench", "models", "tasks",
+    "Workbench", "models", "tasks", "heatmap",
 ]
 
 # Everything beyond the engine loads on first use, so `import nnpatch` stays light and the
 # engine never pulls in plotly or widget libraries.
 _LAZY = {
-    "sites": ("nnpatch.sites", "sites"),
-    "register_sites": ("nnpatch.sites", "register_sites"),
-    "activation_patching": ("nnpatch.sweep", "activation_patching"),
-    "attribution_patching": ("nnpatch.sweep", "attribution_patching"),
-    "PatchingResult": ("nnpatch.result", "PatchingResult"),
-    "Workbench": ("nnpatch.workbench", "Workbench"),
+    "sites": ("nnpatch.patching.sites", "sites"),
+    "register_sites": ("nnpatch.patching.sites", "register_sites"),
+    "activation_patching": ("nnpatch.patching.api", "activation_patching"),
+    "attribution_patching": ("nnpatch.patching.api", "attribution_patching"),
+    "PatchingResult": ("nnpatch.patching.result", "PatchingResult"),
+    "Workbench": ("nnpatch.jupyter.workbench", "Workbench"),
     "sweep": ("nnpatch.sweep", None),
-    "heatmap": ("nnpatch.heatmap", None),
+    "heatmap": ("nnpatch.jupyter.heatmap", None),
     "models": ("nnpatch.models", None),
-    "tasks": ("nnpatch.tasks", None),
+    "tasks": ("nnpatch.bundled.tasks", None),
 }
 
 
@@ -42,5 +45,5 @@ def __getattr__(name):
 
 def load_ipython_extension(ipython):
     """`%load_ext nnpatch` registers the %%trace, %%patch and %patch_sweep magics."""
-    from .magics import load_ipython_extension as load
+    from .jupyter.magics import load_ipython_extension as load
     load(ipython)

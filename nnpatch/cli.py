@@ -19,14 +19,7 @@ import sys
 from pathlib import Path
 
 from .errors import NNPatchError
-
-# The prompt pairs a bundled model is swept on when no --clean/--corrupt are given. IOI uses one
-# template so that every pair has the same length and positions line up across pairs.
-DEFAULT_PAIRS = {
-    "ioi": lambda tasks, n: tasks.ioi(n, template=0),
-    "table-max": lambda tasks, n: tasks.table_max(n),
-    "table_max": lambda tasks, n: tasks.table_max(n),
-}
+from .patching.metrics import REGISTRY
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", default="ioi", help="bundled model name (default: ioi)")
     sweep.add_argument("--site", default="resid_pre", help="standard site (default: resid_pre)")
     sweep.add_argument("--by", default="layer,pos", help="layer | layer,pos | layer,head | layer,head,pos")
-    sweep.add_argument("--metric", default="logit_diff", help="logit_diff | logit_diff_raw | prob | kl")
+    sweep.add_argument("--metric", default="logit_diff", metavar="METRIC",
+                       help="; ".join(f"{m.name}: {m.description}" for m in REGISTRY.values())
+                       + " (default: logit_diff)")
     sweep.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     sweep.add_argument("--clean", help="clean prompt (default: the model's task pairs)")
     sweep.add_argument("--corrupt", help="corrupt prompt, same number of tokens as --clean")
@@ -72,20 +67,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args) -> int:
-    import nnpatch
-    from . import heatmap
+    from . import models
+    from .jupyter import heatmap
+    from .patching import activation_patching, attribution_patching
+    from .patching.pairs import default_pairs
 
-    model = nnpatch.models.load(args.model)
+    model = models.load(args.model)
     if args.clean is not None or args.corrupt is not None:
         if args.clean is None or args.corrupt is None:
             raise NNPatchError("give both --clean and --corrupt, or neither to use the model's task pairs")
         clean, corrupt = args.clean, args.corrupt
-    elif args.model in DEFAULT_PAIRS:
-        clean, corrupt = DEFAULT_PAIRS[args.model](nnpatch.tasks, args.pairs), None
     else:
-        raise NNPatchError(f"model {args.model!r} has no default prompt pairs; give --clean and --corrupt "
-                           f"(models with defaults: {', '.join(sorted(DEFAULT_PAIRS))})")
-    sweep = nnpatch.attribution_patching if args.attribution else nnpatch.activation_patching
+        clean, corrupt = default_pairs(args.model, args.pairs), None
+    sweep = attribution_patching if args.attribution else activation_patching
     result = sweep(model, clean, corrupt, answer=args.answer, wrong=args.wrong, metric=args.metric,
                    site=args.site, by=args.by, direction=args.direction)
     print(heatmap.text(result))

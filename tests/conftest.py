@@ -62,7 +62,7 @@ def hooked_forward(hf, text, module_hooks):
 
 
 def block_envoys(model):
-    return model.transformer.h if hasattr(model._module, "transformer") else model.model.layers
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
 def all_hooks(module):

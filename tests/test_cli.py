@@ -8,7 +8,7 @@ import torch
 import conftest
 import nnpatch
 from nnpatch import cli
-from nnpatch.result import PatchingResult
+from nnpatch import PatchingResult
 
 
 class Pairs:

@@ -8,7 +8,7 @@ import pytest
 
 import nnpatch
 
-MODULES = ["nnpatch"] + [f"nnpatch.{m.name}" for m in pkgutil.iter_modules(nnpatch.__path__)]
+MODULES = ["nnpatch"] + [m.name for m in pkgutil.walk_packages(nnpatch.__path__, "nnpatch.")]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import nnpatch
 import torch
 from conftest import all_hooks, blocks, gpt2, hooked_forward, llama, prompt, word_tokenizer
-from nnpatch._source import compile_source
+from nnpatch.engine import compile_source
 
 N_LAYERS = 3
 MODELS = {"gpt2": gpt2(n_layer=N_LAYERS, seed=2), "llama": llama(n_layer=N_LAYERS, seed=2)}

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import nnpatch
 from conftest import all_hooks, block_envoys, blocks, gpt2, ids, prompt, word_tokenizer
-from nnpatch._source import compile_source
+from nnpatch.engine import compile_source
 
 A = prompt(3, 5, 7, 9, 11, 13)
 SHORT = prompt(20, 21, 22, 23)

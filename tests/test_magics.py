@@ -13,7 +13,7 @@ from IPython.utils.capture import capture_output  # noqa: E402
 
 import nnpatch  # noqa: E402
 from nnpatch.sweep import patch_cells  # noqa: E402
-from nnpatch.tasks import PromptPairs  # noqa: E402
+from nnpatch.bundled.tasks import PromptPairs  # noqa: E402
 
 CLEAN, CORRUPT = prompt(1, 2, 3, 4), prompt(1, 2, 3, 5)  # the last token differs
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "magics.md"
@@ -268,7 +268,7 @@ def test_usage_errors_are_one_line(shell, hf, cell, message):
 
 
 def test_option_values_are_python_expressions():
-    from nnpatch.magics import _words
+    from nnpatch.jupyter.magics import _words
     line = "model --clean nnpatch.tasks.ioi(8, template=0) --answer \" Mary\" --by layer,pos  # note"
     assert _words(line) == ["model", "--clean", "nnpatch.tasks.ioi(8, template=0)", "--answer", "\" Mary\"",
                             "--by", "layer,pos"]

@@ -103,7 +103,7 @@ def test_loading_through_nnpatch():
     model = nnpatch.models.load("ioi")
     assert isinstance(model, nnpatch.LanguageModel)
     assert model.to_tokens(" Mary") == model.tokenizer(" Mary")["input_ids"] and len(model.to_tokens(" Mary")) == 1
-    assert type(nnpatch.LanguageModel("table-max")._module) is LlamaForCausalLM
+    assert type(nnpatch.LanguageModel("table-max").module) is LlamaForCausalLM
 
 
 def test_unknown_hub_id_offline_names_local_paths_and_bundled_models():

@@ -4,7 +4,7 @@ import io
 import re
 from pathlib import Path
 
-from nnpatch.tracing import compile_source
+from nnpatch.engine import compile_source
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import nnpatch
 from nnpatch import heatmap
-from nnpatch.result import PatchingResult
+from nnpatch import PatchingResult
 
 
 def grid(dims=("layer", "pos"), shape=(3, 4), seed=0, **kw):

@@ -12,7 +12,7 @@ import torch
 import transformers as T
 
 import nnpatch
-from nnpatch.sites import Site
+from nnpatch.patching.sites import Site
 
 V = 80
 

@@ -9,7 +9,7 @@ import torch
 
 import nnpatch
 from nnpatch.errors import NNPatchError
-from nnpatch.workbench_controller import Settings, WorkbenchController
+from nnpatch.jupyter.controller import Settings, WorkbenchController
 
 PAIR = nnpatch.tasks.ioi(1, seed=1, template=0)[0]  # "When A and B went to the <place>, S gave ..."
 RESID = Settings(PAIR.clean, PAIR.corrupt, PAIR.answer, PAIR.wrong, site="resid_pre", by=("layer", "pos"))
@@ -41,7 +41,7 @@ def reference(model, s: Settings, cells):
     projection, whose last dimension is the heads' outputs side by side; mlp_out is the MLP's
     output (patched in a forward hook). Returns the last-position logits of the clean, corrupt and
     patched runs and their logit differences."""
-    net, tok = model._module, model.tokenizer
+    net, tok = model.module, model.tokenizer
     n_heads = net.config.n_head
 
     def site_module(layer):

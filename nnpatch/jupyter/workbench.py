@@ -27,8 +27,8 @@ import ipywidgets
 import plotly.graph_objects as go
 import traitlets as t
 
-from .errors import NNPatchError
-from .workbench_controller import GRANULARITIES, Settings, WorkbenchController
+from ..errors import NNPatchError
+from .controller import GRANULARITIES, Settings, WorkbenchController
 
 _ASSETS = importlib.resources.files("nnpatch.widgets")
 

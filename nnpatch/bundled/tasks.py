@@ -35,7 +35,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
 
 __all__ = ["PromptPair", "PromptPairs", "ioi", "table_max", "vocabulary"]
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from ..errors import NNPatchError
 from .batching import map_tensors
-from .errors import NNPatchError
+from .invoke import current_invoke
 
 
 class BackwardContext:
@@ -35,13 +36,12 @@ class BackwardContext:
                 f"pass; got {type(value).__name__}"
                 + (" that does not require grad" if isinstance(value, torch.Tensor) else ""))
         self.inv, self.value, self.gradient = inv, value, gradient
-        self.bases: list[torch.Tensor] = _bases(inv.pass_.fired.values()) if inv else []
+        self.bases: list[torch.Tensor] = _bases(inv.pass_.fired.values())
         self.grads: dict[int, torch.Tensor | None] = {}
         self.derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.edits: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
         self.dirty = True
-        if inv is not None:
-            inv.backward = self
+        inv.backward = self
         self._compute()
 
     def __enter__(self):
@@ -69,9 +69,8 @@ class BackwardContext:
                 self.grads[id(t)] = _replacer(region, g)(self.grads[id(t)])
         self.derived = weakref.WeakKeyDictionary()
         self.dirty = False
-        if self.inv is not None:
-            for value in self.inv.cache.values():
-                map_tensors(self._attach, value)
+        for value in self.inv.cache.values():
+            map_tensors(self._attach, value)
 
     def _attach(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_leaf:
@@ -154,7 +153,6 @@ def _bases(values) -> list[torch.Tensor]:
 
 def backward(value, gradient=None, *args, **kwargs):
     """`value.backward(...)` inside a trace."""
-    from .tracing import current_invoke
     inv = current_invoke()
     if inv is None:  # trace-level code after the forward pass: an ordinary backward
         value.backward(gradient, *args, **kwargs)
@@ -185,11 +183,8 @@ def set_grad(t, g) -> None:
 
 
 def _context_for(t):
-    from .tracing import current_invoke
     inv = current_invoke()
-    if inv is not None:
-        return inv.backward
-    return None
+    return inv.backward if inv is not None else None
 
 
 class _Done:

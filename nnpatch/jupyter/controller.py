@@ -7,7 +7,7 @@ returns plain data. Tests drive this class directly and compare its numbers with
 
 Example:
     >>> import nnpatch
-    >>> from nnpatch.workbench_controller import Settings, WorkbenchController
+    >>> from nnpatch.jupyter.controller import Settings, WorkbenchController
     >>> ctl = WorkbenchController(nnpatch.models.load("ioi"))
     >>> clean = "When Mary and John went to the store, John gave a drink to"
     >>> corrupt = "When Mary and John went to the store, Mary gave a drink to"
@@ -19,15 +19,19 @@ Example:
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from .errors import NNPatchError
-from .model import LanguageModel
+from .. import bundled
+from ..engine import LanguageModel
+from ..engine.inputs import input_device, token_id
+from ..errors import NNPatchError
+from ..patching import METRICS, activation_patching, patch_cells
+from ..patching.pairs import pair_dicts
+from ..patching.sites import sites
 
 Cell = tuple[int, int]  # indices along the result's two dims, e.g. (layer, pos)
 
@@ -84,7 +88,7 @@ class WorkbenchController:
 
     def __init__(self, model, pairs: Iterable | None = None):
         self.model = _as_language_model(model)
-        self.pairs = _read_pairs(pairs)
+        self.pairs = pair_dicts(pairs)
         self.settings: Settings | None = None  # of the last run
         self.result = None  # the PatchingResult of the last run
         self.inspected: Cell | None = None
@@ -118,7 +122,7 @@ class WorkbenchController:
         if not prompt:
             return []
         if prompt not in self._predictions:
-            ids = torch.tensor([self.model.to_tokens(prompt)], device=_device(self.model))
+            ids = torch.tensor([self.model.to_tokens(prompt)], device=input_device(self.model.module))
             with torch.no_grad():
                 logits = self.model(input_ids=ids).logits[0, -1]  # [vocab]
             if len(self._predictions) >= 16:
@@ -240,15 +244,7 @@ class WorkbenchController:
     def _token_id(self, role: str, text: str) -> int:
         if not text:
             raise NNPatchError(f"the {role} is empty: pick one of the suggested tokens or type one")
-        tok = self.model.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        unk = getattr(tok, "unk_token_id", None)
-        if len(ids) != 1 or (ids[0] == unk and text.strip() != tok.unk_token):
-            pieces = [tok.decode([i]) for i in ids]
-            what = "is not in the model's vocabulary" if len(ids) == 1 else f"is {len(ids)} tokens {pieces}"
-            raise NNPatchError(f"the {role} {text!r} {what}; it must be exactly one token "
-                               "(many tokenizers keep a word's leading space, e.g. ' Mary')")
-        return ids[0]
+        return token_id(self.model.tokenizer, text, what=f"the {role}")
 
     def _patch(self, cells: list[Cell]) -> Outcome:
         s = self._result_settings()
@@ -280,34 +276,29 @@ class WorkbenchController:
 
 # -- the public API this controller calls (one place, so the generated code matches it) -----------
 def _standard_sites(model) -> list[str]:
-    # Not `nnpatch.sites(model)`: once the submodule nnpatch.sites is imported, that attribute
-    # of the package is the module, not the function.
-    return list(importlib.import_module("nnpatch.sites").sites(model))
+    return list(sites(model))
 
 
 def _metric_names() -> list[str]:
-    return list(importlib.import_module("nnpatch.sweep").METRICS)
+    return list(METRICS)
 
 
 def _activation_patching(model, s: Settings, progress=None):
-    import nnpatch
     # No tqdm bar: inside a widget callback it would land in JupyterLab's log console.
-    return nnpatch.activation_patching(model, s.clean, s.corrupt, answer=s.answer, wrong=s.wrong,
-                                       metric=s.metric, site=s.site, by=s.by, progress=progress or False)
+    return activation_patching(model, s.clean, s.corrupt, answer=s.answer, wrong=s.wrong,
+                               metric=s.metric, site=s.site, by=s.by, progress=progress or False)
 
 
 def _patch_cells(model, s: Settings, cells: list[Cell]):
-    sweep = importlib.import_module("nnpatch.sweep")
-    return sweep.patch_cells(model, s.clean, s.corrupt, cells, answer=s.answer, wrong=s.wrong,
-                             metric=s.metric, site=s.site, by=s.by)
+    return patch_cells(model, s.clean, s.corrupt, cells, answer=s.answer, wrong=s.wrong,
+                       metric=s.metric, site=s.site, by=s.by)
 
 
 def _model_line(model) -> str:
     """How the generated code gets `model`: by bundled name or folder when we can tell."""
-    from . import models
-    path = getattr(getattr(model._module, "config", None), "_name_or_path", "") or ""
-    for name in models.available():
-        if path and os.path.realpath(path) == os.path.realpath(models.path(name)):
+    path = getattr(getattr(model.module, "config", None), "_name_or_path", "") or ""
+    for name in bundled.available():
+        if path and os.path.realpath(path) == os.path.realpath(bundled.path(name)):
             return f"model = nnpatch.models.load({name!r})"
     if path and os.path.isdir(path):
         return f"model = nnpatch.LanguageModel({path!r})"
@@ -325,26 +316,6 @@ def _as_language_model(model) -> LanguageModel:
         return _as_language_model(LanguageModel(model))
     raise NNPatchError(f"Workbench(model) takes an nnpatch.LanguageModel, a Hugging Face model or a "
                        f"local folder, got {type(model).__name__}")
-
-
-def _read_pairs(pairs) -> list[dict]:
-    """Prompt pairs as dicts with clean, corrupt, answer, wrong ("" where a pair has none).
-
-    Takes `nnpatch.tasks` pairs, objects or dicts with those fields, or (clean, corrupt[, answer,
-    wrong]) tuples."""
-    out = []
-    for i, p in enumerate(pairs or []):
-        if isinstance(p, (tuple, list)) and 2 <= len(p) <= 4 and all(isinstance(x, str) for x in p):
-            fields = dict(zip(("clean", "corrupt", "answer", "wrong"), p))
-        elif isinstance(p, dict):
-            fields = p
-        else:
-            fields = {k: getattr(p, k, None) for k in ("clean", "corrupt", "answer", "wrong")}
-        if not isinstance(fields.get("clean"), str) or not isinstance(fields.get("corrupt"), str):
-            raise NNPatchError(f"pair {i} has no clean and corrupt prompt: give pairs as nnpatch.tasks "
-                               "pairs, dicts, or (clean, corrupt[, answer, wrong]) tuples")
-        out.append({k: fields.get(k) or "" for k in ("clean", "corrupt", "answer", "wrong")})
-    return out
 
 
 def _prompt_problem(clean: str, corrupt: str, a: list[Token], b: list[Token]) -> str | None:
@@ -397,9 +368,4 @@ def _box(cell: Cell, color: str, dash: str) -> dict:
     row, col = cell
     return dict(type="rect", xref="x", yref="y", x0=col - 0.5, x1=col + 0.5, y0=row - 0.5, y1=row + 0.5,
                 line=dict(color=color, width=3, dash=dash), fillcolor="rgba(0,0,0,0)")
-
-
-def _device(model) -> torch.device:
-    param = next(model._module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
 
 
 @dataclass(frozen=True)
@@ -105,41 +105,6 @@ def _cat(values: list, what: str):
     if all(v is values[0] or v == values[0] for v in values):
         return values[0]
     raise NNPatchError(f"the invokes' {what} differ and are not tensors, so they cannot be batched")
-
-
-def invoke_rows(tokenizer, value):
-    """Like token_rows, but an unpadded id tensor stays a tensor (no round trip through lists)."""
-    if isinstance(value, torch.Tensor) and value.dtype == torch.long and value.dim() in (1, 2):
-        return value.reshape(-1, value.shape[-1])
-    return token_rows(tokenizer, value)
-
-
-def token_rows(tokenizer, value) -> list[list[int]]:
-    """The token ids of every prompt in one invoke's input, without padding."""
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        if tokenizer is None:
-            raise NNPatchError(
-                "string prompts need a tokenizer: pass tokenizer= to LanguageModel, or give token ids")
-        return [list(tokenizer(v)["input_ids"]) for v in value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
-        return [list(value)]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
-        return [list(v) for v in value]
-    mask = None
-    if hasattr(value, "keys") and "input_ids" in value:  # tokenizer output or dict
-        mask = value.get("attention_mask")
-        value = value["input_ids"]
-    if isinstance(value, torch.Tensor):
-        ids = value if value.dim() == 2 else value.reshape(1, -1)
-        if mask is None:
-            return [row.tolist() for row in ids]
-        mask = torch.as_tensor(mask).reshape(ids.shape).bool()
-        return [row[m].tolist() for row, m in zip(ids, mask)]
-    raise NNPatchError(
-        f"cannot read a prompt from {type(value).__name__}: give a string, a list of strings, "
-        "token ids (list or tensor), or a tokenizer output")
 
 
 def batch_prompts(tokenizer, invokes: list, pad_id: int, accepts: set[str]) -> Batch:

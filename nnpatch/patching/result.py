@@ -1,12 +1,13 @@
 """The result of a patching sweep: a grid of metric values with named, labelled axes.
 
-    >>> import torch, nnpatch
+    >>> import pathlib, tempfile, torch, nnpatch
     >>> result = nnpatch.PatchingResult(
     ...     values=torch.tensor([[0.1, 0.9], [0.0, 1.0]]), dims=("layer", "pos"),
     ...     labels={"layer": ["transformer.h.0.input", "transformer.h.1.input"], "pos": ["Mary", " ran"]},
     ...     clean_score=2.5, corrupt_score=-1.0, metric="logit_diff", site="resid_pre")
-    >>> result.save("sweep.safetensors")
-    >>> nnpatch.PatchingResult.load("sweep.safetensors").values[1, 1].item()
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "sweep.safetensors"
+    >>> result.save(path)
+    >>> nnpatch.PatchingResult.load(path).values[1, 1].item()
     1.0
     >>> fig = result.plot()          # a plotly Figure; fig.show() in a notebook
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
 
 _FORMAT = "nnpatch.PatchingResult/1"
 
@@ -81,7 +82,7 @@ class PatchingResult:
 
     def plot(self, **kwargs):
         """A plotly heatmap (diverging RdBu, centred at 0, token labels, hover values)."""
-        from .heatmap import plot
+        from ..jupyter.heatmap import plot
         return plot(self, **kwargs)
 
     def __repr__(self) -> str:

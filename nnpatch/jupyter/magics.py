@@ -32,7 +32,6 @@ import difflib
 import io
 import keyword
 import math
-import os
 import tokenize
 import types
 from dataclasses import dataclass
@@ -42,15 +41,18 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
-from . import _source
-from .errors import NNPatchError
-from .model import Model
-from .sweep import (_NEEDS, METRICS, _from_task_pairs, activation_patching, attribution_patching,
-                    score)
+from ..engine import Model, compile_source
+from ..engine.inputs import token_ids
+from ..engine.tracebacks import cell_frames, install
+from ..errors import NNPatchError
+from ..patching import activation_patching, attribution_patching
+from ..patching.metrics import METRICS, REGISTRY, effect, score
+from ..patching.pairs import as_list, from_task_pairs
 
 
 def load_ipython_extension(ipython) -> None:
     """Register the magics (`%load_ext nnpatch` calls this)."""
+    install()
     ipython.register_magics(PatchingMagics)
 
 
@@ -129,7 +131,8 @@ class PatchingMagics(Magics):
         model = self._model(args.model)
         pairs = self._pairs(args)
         metric = self._metric(args.metric)
-        answer, wrong = _token_ids(model, pairs.answer, "--answer"), _token_ids(model, pairs.wrong, "--wrong")
+        n = len(as_list(pairs.clean))
+        answer, wrong = _token_ids(model, pairs.answer, n, "--answer"), _token_ids(model, pairs.wrong, n, "--wrong")
         runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
         source = _patch_source(args.model, _body(cell, "%%patch"))
         filename = f"<%%patch In[{self.shell.execution_count}]>"
@@ -215,7 +218,7 @@ class PatchingMagics(Magics):
         corrupt = self._value(args.corrupt, "--corrupt") if args.corrupt else None
         answer = self._value(args.answer, "--answer") if args.answer else None
         wrong = self._value(args.wrong, "--wrong") if args.wrong else None
-        clean, corrupt, answer, wrong = _from_task_pairs(clean, corrupt, answer, wrong)
+        clean, corrupt, answer, wrong = from_task_pairs(clean, corrupt, answer, wrong)
         if corrupt is None:
             raise UsageError("--corrupt is missing: give corrupt prompts, or task pairs to --clean "
                              "(e.g. --clean nnpatch.tasks.ioi(8, template=0))")
@@ -240,14 +243,14 @@ class PatchingMagics(Magics):
         so that its variables land there and tracebacks show the cell's lines, not nnpatch's."""
         __tracebackhide__ = True
         try:
-            code = _source.compile_source(source, filename)
+            code = compile_source(source, filename)
         except SyntaxError as e:  # the cell was checked, so the magic line's expressions are wrong
             text = (e.text or "").strip()
             raise UsageError(f"the magic line does not make valid Python: {e.msg}: {text}") from None
         try:
             exec(code, self.shell.user_ns)
         except BaseException as e:  # noqa: BLE001 - re-raised with the cell's frames only
-            raise e.with_traceback(_cell_frames(e.__traceback__, filename))
+            raise e.with_traceback(cell_frames(e.__traceback__, filename))
 
 
 # -- what %%patch measures ------------------------------------------------------------------------
@@ -283,15 +286,14 @@ class PatchEffect:
                 answer: list[int] | None, wrong: list[int] | None) -> "PatchEffect":
         """Score three runs' last-position logits `[n, vocab]`; missing answer / wrong tokens are
         the clean / corrupt run's top-1 predictions."""
-        n = clean.shape[0]
-        answer = _per_prompt(answer, n, "--answer") if answer is not None else clean.argmax(-1).tolist()
-        wrong = _per_prompt(wrong, n, "--wrong") if wrong is not None else corrupt.argmax(-1).tolist()
-        scores = [score(logits, metric, answer, wrong, clean) for logits in (clean, corrupt, patched)]
-        span = scores[0] - scores[1]
-        effect = (scores[2] - scores[1]) / span if span else math.nan
+        answer = answer if answer is not None else clean.argmax(-1).tolist()
+        wrong = wrong if wrong is not None else corrupt.argmax(-1).tolist()
+        clean_score, corrupt_score, patched_score = (score(logits, metric, answer, wrong, clean)
+                                                     for logits in (clean, corrupt, patched))
         decode = getattr(getattr(model, "tokenizer", None), "decode", None)
         names = (lambda ids: [decode([i]) for i in ids]) if decode else (lambda ids: [str(i) for i in ids])
-        return cls(getattr(metric, "__name__", metric), *scores, effect, names(answer), names(wrong),
+        return cls(getattr(metric, "__name__", metric), clean_score, corrupt_score, patched_score,
+                   effect(patched_score, clean_score, corrupt_score), names(answer), names(wrong),
                    clean, corrupt, patched)
 
     def __repr__(self) -> str:
@@ -305,35 +307,14 @@ class PatchEffect:
                 f"patched {self.patched_score:.4g}; effect {self.effect:.3f}{undefined}{tokens})")
 
 
-def _token_ids(model, value, option: str) -> list[int] | None:
-    """Token ids of an --answer / --wrong value: one token (string or id) or one per prompt."""
+def _token_ids(model, value, n: int, option: str) -> list[int] | None:
+    """Token ids of an --answer / --wrong value (one token, string or id, or one per prompt)."""
     if value is None:
         return None
-    many = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() > 0)
-    ids = []
-    for v in (list(value) if many else [value]):
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = int(v)
-        if isinstance(v, int):
-            ids.append(v)
-            continue
-        tokenizer = getattr(model, "tokenizer", None)
-        if not isinstance(v, str) or tokenizer is None:
-            raise UsageError(f"{option} takes token strings or ids (one, or one per prompt), got {v!r}")
-        tokens = tokenizer(v, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise UsageError(f"{option} {v!r} is {len(tokens)} tokens under this tokenizer; give one token "
-                             "(often with a leading space, e.g. \" Mary\") or its id")
-        ids.append(tokens[0])
-    return ids
-
-
-def _per_prompt(ids: list[int], n: int, option: str) -> list[int]:
-    if len(ids) == 1:
-        return ids * n
-    if len(ids) != n:
-        raise UsageError(f"{option} gives {len(ids)} tokens for {n} prompts; give one, or one per prompt")
-    return ids
+    try:
+        return token_ids(getattr(model, "tokenizer", None), value, n, what=option)
+    except NNPatchError as e:
+        raise UsageError(_one_line(e)) from None
 
 
 def _last_logits(output, model_name: str) -> torch.Tensor:
@@ -347,7 +328,7 @@ def _last_logits(output, model_name: str) -> torch.Tensor:
     return (logits[:, -1] if logits.dim() == 3 else logits).detach()
 
 
-_NEEDS_ANSWERS = tuple(name for name, tokens in _NEEDS.items() if tokens)
+_NEEDS_ANSWERS = tuple(name for name, m in REGISTRY.items() if m.needs)
 
 
 def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:
@@ -535,27 +516,3 @@ def _indent(code: str, levels: int) -> str:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
-
-
-# -- tracebacks -----------------------------------------------------------------------------------
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _cell_frames(tb, filename: str):
-    """The traceback from the cell's own code on: no frames of nnpatch, and none of the generated
-    `with` lines that only lead into the invoke where the error happened."""
-    entries = []
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            entries.append(tb)
-        tb = tb.tb_next
-    cell = [i for i, e in enumerate(entries)
-            if e.tb_frame.f_code.co_filename == filename and e.tb_frame.f_code.co_name == "<module>"]
-    if cell:
-        entries = entries[cell[-1]:]
-    result = None
-    for entry in reversed(entries):
-        result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return result
-

@@ -22,7 +22,7 @@ import types
 import weakref
 from dataclasses import dataclass, field
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
 
 TRACER = "__nnpatch_tracer__"
 SAVE = "__nnpatch_save__"
@@ -44,18 +44,18 @@ class TraceProgram:
     uses_grad: bool = False
 
 
-class _Skip(Exception):
+class Skip(Exception):
     """Raised on the first line of a trace body so that Python does not run it natively."""
 
 
 # -- stopping Python from running the with-body -----------------------------------------------
 
 def skip_body(frame: types.FrameType):
-    """Arrange for the next line event in `frame` to raise _Skip. Returns the previous tracer."""
+    """Arrange for the next line event in `frame` to raise Skip. Returns the previous tracer."""
     previous = sys.gettrace()
 
     def raise_skip(*_):
-        raise _Skip
+        raise Skip
 
     sys.settrace(lambda *_: None)
     frame.f_trace = raise_skip
@@ -80,7 +80,7 @@ def source_of(frame: types.FrameType) -> tuple[str, str]:
         raise NNPatchError(
             f"nnpatch reads a trace's body from its source, and {filename!r} has none (code run "
             "with exec() of a string, or typed into a bare interpreter). Write the trace in a "
-            "file or a notebook cell, or compile the string with nnpatch.tracing.compile_source("
+            "file or a notebook cell, or compile the string with nnpatch.engine.compile_source("
             "source, filename) before exec().")
     return filename, "".join(lines)
 
@@ -124,7 +124,7 @@ def _program_from_source(frame: types.FrameType, implicit_invoke: bool) -> Trace
                     f"nnpatch reads a trace's body from its source, but the source it finds for "
                     f"{filename!r} is not the code that is running ({e.msg}, line {e.lineno}): the "
                     "file changed since it was loaded, or a string was exec'd under a file's name. "
-                    "Compile such strings with nnpatch.tracing.compile_source(source, filename)."
+                    "Compile such strings with nnpatch.engine.compile_source(source, filename)."
                 ) from None
         node = _find_with(tree, lineno, filename)
         program = _PROGRAMS[key] = _compile_trace(node, filename, implicit_invoke)
@@ -169,7 +169,7 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool) -> Trac
                 "the inputs to model.trace(...) or use `with tracer.invoke(...)` blocks, not both")
         program.invokes.append(_invoke_body(body, filename))
         first = node.body[0]
-        stmts = [_at(_call_stmt("_invoke", [ast.Constant(None), ast.Constant(0), ast.Constant(None)]), first),
+        stmts = [_at(_call_stmt("_invoke", [ast.Constant(None), ast.Constant(0)]), first),
                  _at(_call_stmt("_flush", []), node.body[-1])]
     else:
         stmts = _split_invokes(body, program, filename)
@@ -209,8 +209,8 @@ class _ReplaceInvokes(ast.NodeTransformer):
         item = node.items[0]
         index = len(self.program.invokes)
         self.program.invokes.append(_invoke_body(node.body, self.filename))
-        call = _tracer_call("_invoke", [item.context_expr, ast.Constant(index),
-                                        ast.Constant(_target_name(item, self.filename))])
+        _check_target(item, self.filename)
+        call = _tracer_call("_invoke", [item.context_expr, ast.Constant(index)])
         if item.optional_vars is not None:
             stmt = ast.Assign(targets=[item.optional_vars], value=call)
         else:
@@ -218,12 +218,9 @@ class _ReplaceInvokes(ast.NodeTransformer):
         return _at(stmt, node)
 
 
-def _target_name(item: ast.withitem, filename: str):
-    if item.optional_vars is None:
-        return None
-    if not isinstance(item.optional_vars, ast.Name):
+def _check_target(item: ast.withitem, filename: str) -> None:
+    if item.optional_vars is not None and not isinstance(item.optional_vars, ast.Name):
         raise NNPatchError(f"{filename}:{item.optional_vars.lineno}: bind an invoke to a plain name")
-    return item.optional_vars.id
 
 
 def _invoke_with(node) -> bool:

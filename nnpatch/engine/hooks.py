@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
 
 # kind: "input" registers a forward pre-hook fn(module, args, kwargs) -> None | (args, kwargs);
 #       "output" registers a forward hook fn(module, args, kwargs, output) -> None | output.

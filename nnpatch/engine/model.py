@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
-from .batching import Batch, map_tensors, batch_generic, batch_prompts, forward_parameters, invoke_rows, token_rows
+from .. import bundled
+from ..errors import NNPatchError
+from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
 from .envoy import Envoy
-from .errors import NNPatchError
+from .inputs import input_device, invoke_rows, token_rows
+from .tracing import Tracer
 
 
 class Model(Envoy):
@@ -32,11 +35,15 @@ class Model(Envoy):
         object.__setattr__(self, "_accepts", forward_parameters(module))
         object.__setattr__(self, "_event_order", None)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped torch module (call it, move it, read its config)."""
+        return self._module
+
     # -- entry points -------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any):
         """Open a trace. With inputs, the body of the with-block is one invoke on them;
         without, the body holds `with tracer.invoke(...)` blocks that run batched together."""
-        from .tracing import Tracer
         return Tracer(self, inputs, kwargs)
 
     def of(self, invoke) -> Envoy:
@@ -63,20 +70,9 @@ class Model(Envoy):
         return batch_generic(invokes)
 
     def _forward(self, batch: Batch):
-        device = self._input_device()
+        device = input_device(self._module)
         args, kwargs = map_tensors(lambda t: t.to(device), (batch.args, batch.kwargs))
         return self._module(*args, **kwargs)
-
-    def _input_device(self) -> torch.device:
-        """Where the model wants its inputs: its input embedding's device, else its first
-        parameter's (so a model moved to CUDA takes prompts tokenized on the CPU)."""
-        try:
-            return self._module.get_input_embeddings().weight.device
-        except (AttributeError, NotImplementedError):
-            pass
-        for p in self._module.parameters():
-            return p.device
-        return torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self._module).__name__})"
@@ -149,7 +145,6 @@ def _load(name: str, tokenizer, kwargs):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not os.path.exists(name):
-        from . import models as bundled
         if name in bundled.available():
             name = str(bundled.path(name))
     try:
@@ -157,7 +152,6 @@ def _load(name: str, tokenizer, kwargs):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        from . import models as bundled
         raise NNPatchError(
             f"could not load {name!r} with from_pretrained ({str(e).strip().splitlines()[0]}). "
             "If this machine has no network, give a local folder that holds config.json and the "

@@ -24,15 +24,15 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import torch
 
-from .errors import NNPatchError
+from ..engine import Model
+from ..engine.inputs import input_slot, read_input, with_input
+from ..errors import NNPatchError
 
 STANDARD = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
 HEAD_SITES = ("head_out",)  # sites whose last dimension splits into attention heads
@@ -60,10 +60,6 @@ class Site:
     via: "Site | None" = None  # where patches are written, when not at the site itself
     stream: "Site | None" = None  # the value `via` is added to
 
-    @property
-    def writer(self) -> "Site":
-        return self.via or self
-
     def __str__(self) -> str:
         return f"{self.path}.{self.kind}" + (f"[{self.index}]" if self.index else "")
 
@@ -71,17 +67,11 @@ class Site:
     def read(self, args: tuple, kwargs: dict, output: Any = None) -> torch.Tensor:
         if self.kind == "output":
             return output[self.index] if isinstance(output, (tuple, list)) else output
-        if len(args) > self.index:
-            return args[self.index]
-        return kwargs[self._kwarg(kwargs)]
+        return read_input(args, kwargs, self._slot(args, kwargs))
 
     def with_input(self, args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
         """The (args, kwargs) of a call whose site input is replaced by `value`."""
-        if len(args) > self.index:
-            args = args[:self.index] + (value,) + args[self.index + 1:]
-        else:
-            kwargs = {**kwargs, self._kwarg(kwargs): value}
-        return args, kwargs
+        return with_input(args, kwargs, self._slot(args, kwargs), value)
 
     def with_output(self, output: Any, value: torch.Tensor) -> Any:
         """The module output with the site's element replaced by `value`."""
@@ -91,15 +81,13 @@ class Site:
             return output[:self.index] + [value] + output[self.index + 1:]
         return value
 
-    def _kwarg(self, kwargs: dict) -> str:
+    def _slot(self, args: tuple, kwargs: dict):
         # Some blocks receive their hidden state by keyword (GPT-J's attention: hidden_states=...).
-        if "hidden_states" in kwargs:
-            return "hidden_states"
-        for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor):
-                return k
-        raise NNPatchError(f"the call of {self.path!r} has no input {self.index}; "
-                           f"keyword inputs were {sorted(kwargs)}")
+        slot = input_slot(args, kwargs, self.index)
+        if slot is None:
+            raise NNPatchError(f"the call of {self.path!r} has no input {self.index}; "
+                               f"keyword inputs were {sorted(kwargs)}")
+        return slot
 
 
 # A site spec relative to one block: "mlp.output", "attn.c_proj.input", "input", "attn.output[1]";
@@ -222,7 +210,7 @@ def sites(model) -> Sites:
     GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3 and BERT-style encoders (BERT, RoBERTa,
     XLM-RoBERTa, ELECTRA); `register_sites` adds others.
     """
-    module = getattr(model, "_module", model)
+    module = model.module if isinstance(model, Model) else model
     config = getattr(module, "config", None)
     architecture = getattr(config, "model_type", None) or type(module).__name__
     if architecture not in _REGISTRY and type(module).__name__ in _REGISTRY:
@@ -359,13 +347,3 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
-
-class _CallableModule(types.ModuleType):
-    """`nnpatch.sites` is both this module and the function `sites`: importing the submodule
-    makes it the package attribute, so the module itself answers `nnpatch.sites(model)`."""
-
-    def __call__(self, model) -> Sites:
-        return sites(model)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -11,7 +11,10 @@ import difflib
 
 import torch
 
-from .errors import NNPatchError
+from ..errors import NNPatchError
+from .hooks import resolve
+from .inputs import input_slot, read_input, with_input
+from .invoke import current_invoke
 
 _OWN = ("output", "input", "inputs")
 
@@ -78,7 +81,6 @@ class Envoy:
         cache = self.__dict__.setdefault("_by_path", {})
         module = cache.get(path)
         if module is None:
-            from ._hooks import resolve
             module = cache[path] = resolve(self._module, path)
         return module
 
@@ -101,13 +103,17 @@ class Envoy:
 
     @property
     def input(self):
-        """The first positional argument (or first keyword argument) of this module's call."""
+        """The input of this module's call: its first positional argument, or for a module called
+        by keyword, `hidden_states` (else its first tensor keyword argument)."""
         args, kwargs = self.inputs
-        if args:
-            return args[0]
-        if kwargs:
-            return next(iter(kwargs.values()))
-        raise NNPatchError(f"{self._path or 'model'} was called without arguments; it has no .input")
+        return read_input(args, kwargs, self._input_slot(args, kwargs))
+
+    def _input_slot(self, args, kwargs):
+        slot = input_slot(args, kwargs)
+        if slot is None:
+            raise NNPatchError(f"{self._path or 'model'} was called without a tensor input "
+                               f"(keyword inputs: {sorted(kwargs)}); it has no .input, read .inputs instead")
+        return slot
 
     def __setattr__(self, name, value):
         inv = self._invoke() if name in _OWN else None
@@ -119,9 +125,9 @@ class Envoy:
             inv.set_value((self._path, "output"), value)
         elif name == "input":
             args, kwargs = self.inputs
-            current = args[0] if args else next(iter(kwargs.values()))
-            if current is not value:
-                inv.set_value((self._path, "input"), _replace_first(args, kwargs, value))
+            slot = self._input_slot(args, kwargs)
+            if read_input(args, kwargs, slot) is not value:
+                inv.set_value((self._path, "input"), with_input(args, kwargs, slot, value))
         elif name == "inputs":
             inv.set_value((self._path, "input"), value)
         else:
@@ -130,7 +136,6 @@ class Envoy:
                 ".inputs can be set (to change the module itself, use its torch.nn.Module)")
 
     def _invoke(self):
-        from .tracing import current_invoke
         inv = current_invoke()
         if inv is None:
             where = self._path or "model"
@@ -146,9 +151,3 @@ class Envoy:
     def __dir__(self):
         return list(_OWN) + list(self._module._modules) + list(super().__dir__())
 
-
-def _replace_first(args: tuple, kwargs: dict, value):
-    if args:
-        return (value, *args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, {**kwargs, key: value}

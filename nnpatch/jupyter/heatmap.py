@@ -23,8 +23,8 @@ from typing import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .errors import NNPatchError
-from .result import PatchingResult
+from ..errors import NNPatchError
+from ..patching.result import PatchingResult
 
 SCALE = "RdBu"  # diverging; the colour axis is centred at 0
 

@@ -1,0 +1,219 @@
+"""Traces: several invokes, one batched forward pass, synchronized without barriers.
+
+Reading top-down: `Tracer` takes over the with-block and `TraceNamespace` holds the body's
+variables; `invoke.Invoke` is one prompt's program running as a greenlet, with an
+`InvokeNamespace` where a read of another invoke's variable waits; `forward.ForwardPass` is one
+batched forward pass that hands module values to the invokes at the moments the model computes
+them.
+
+How synchronization works. Each invoke runs until it reads a module value the model has not
+computed yet, or a variable that another invoke assigns and has not assigned yet; then it
+pauses. When the forward pass reaches a module, the invokes waiting for it resume in source order,
+and an invoke whose variable another one waits for wakes that one up, all before the module's
+value flows on. So a patch can be written in any invoke order, with no barriers. When one pass
+cannot satisfy a dependency (invoke B edits layer 0 with a value invoke A reads at layer 10), B
+is run again in a further pass, from its start, once A's values exist.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from ..errors import NNPatchError
+from . import gradients, source, tracebacks
+from .forward import ForwardPass
+from .invoke import Invoke, deadlock_error
+
+
+class Tracer:
+    """The object bound by `with model.trace(...) as tracer:`.
+
+    Example:
+        >>> import torch, nnpatch
+        >>> net = nnpatch.Model(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)))
+        >>> with net.trace() as tracer:
+        ...     with tracer.invoke(torch.ones(1, 3)):
+        ...         a = net[0].output
+        ...     with tracer.invoke(torch.zeros(1, 3)):
+        ...         net[0].output = a              # patch invoke 1's value into invoke 2
+        ...         b = net.output
+        >>> bool(torch.allclose(b, net(torch.ones(1, 3))))
+        True
+    """
+
+    def __init__(self, model, inputs: tuple, kwargs: dict):
+        self.model = model
+        self._inputs = (inputs, kwargs) if (inputs or kwargs) else None
+        self._pending: list[Invoke] = []
+        self._invokes: list[Invoke] = []
+        self._program = None
+
+    # -- the with-block ---------------------------------------------------------------------------
+    def __enter__(self):
+        __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
+        tracebacks.install()
+        frame = sys._getframe(1)
+        self._frame = frame
+        try:
+            self._program = source.trace_program(frame, implicit_invoke=self._inputs is not None)
+        except NNPatchError as e:
+            raise NNPatchError(str(e)) from None
+        self._previous_tracer = source.skip_body(frame)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
+        frame = self._frame
+        source.restore_tracing(frame, self._previous_tracer)
+        del self._frame
+        if exc_type is not source.Skip:
+            if exc_type is None:
+                raise NNPatchError("nnpatch could not take over this trace's body; put the body "
+                                   "on its own lines below the with-statement")
+            return False
+        namespace = self._outer_namespace = TraceNamespace(self, frame)
+        try:
+            exec(self._program.code, namespace, namespace)
+        except BaseException as e:  # noqa: BLE001 - re-raised with the user's frames only
+            tracebacks.drop_context(e, source.Skip)
+            raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
+        finally:
+            self._pending.clear()
+        _write_back(frame, namespace.assigned())
+        return True
+
+    # -- the public surface ---------------------------------------------------------------------
+    def invoke(self, *inputs: Any, **kwargs: Any) -> "InvokeInputs":
+        """One prompt (or batch of prompts) of this trace. Use as `with tracer.invoke(x):`."""
+        return InvokeInputs(inputs, kwargs)
+
+    def barrier(self, n: int = 0) -> "_Barrier":
+        """Accepted for nnsight compatibility; nnpatch synchronizes invokes by itself."""
+        return _Barrier()
+
+    # -- called by the compiled trace body -----------------------------------------------------
+    def _invoke(self, spec: "InvokeInputs | None", index: int) -> Invoke:
+        program = self._program
+        if spec is None:
+            spec = InvokeInputs(*self._inputs)
+        if not isinstance(spec, InvokeInputs):
+            raise NNPatchError("`with x.invoke(...)` inside a trace must call the tracer's invoke()")
+        inv = Invoke(self, program.invokes[index], spec, len(self._invokes))
+        self._pending.append(inv)
+        self._invokes.append(inv)
+        return inv
+
+    def _flush_if_needed(self, names: tuple[str, ...]) -> None:
+        if any(n in inv.body.stores for inv in self._pending for n in names):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Run the pending invokes: one batched forward pass, and more if dependencies need it."""
+        group, self._pending = self._pending, []
+        todo = list(group)
+        while todo:
+            finished_before = sum(inv.done for inv in group)
+            ForwardPass(self, group, todo).run()
+            deferred = [inv for inv in todo if inv.deferred]
+            if deferred and sum(inv.done for inv in group) == finished_before:
+                raise deadlock_error(deferred)
+            for inv in deferred:
+                inv.reset()
+            todo = deferred
+        for inv in group:  # later invokes win, as if the blocks had run one after another
+            dict.update(self._outer_namespace, inv.namespace.own())
+
+
+class InvokeInputs:
+    """The inputs of one invoke, as given to `tracer.invoke(...)`."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+
+    def __enter__(self):
+        raise NNPatchError(
+            "`with tracer.invoke(...)` blocks must be written directly in the trace body (not "
+            "inside a function called from it), so that nnpatch can batch them")
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Barrier:
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+# -- variables ------------------------------------------------------------------------------------
+
+class TraceNamespace(dict):
+    """Variables of the trace body: its own assignments over the caller's locals and globals.
+
+    Used as both globals and locals of the compiled body, so that nested functions and
+    comprehensions see the trace's names too.
+    """
+
+    def __init__(self, tracer: Tracer, frame: types.FrameType):
+        super().__init__()
+        self._tracer = tracer
+        self._locals = dict(frame.f_locals) if frame.f_locals is not frame.f_globals else {}
+        self._globals = frame.f_globals
+        self._helpers = _helpers(tracer)
+        dict.__setitem__(self, "__builtins__", frame.f_builtins)
+
+    def __getitem__(self, name):
+        helper = self._helpers.get(name)
+        if helper is not None:
+            return helper
+        return self.lookup(name)
+
+    def lookup(self, name):
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        if name in self._locals:
+            return self._locals[name]
+        return self._globals[name]  # KeyError lets Python try builtins, then raise NameError
+
+    def assigned(self) -> dict:
+        return {k: v for k, v in self.items() if k != "__builtins__"}
+
+
+# -- helpers visible to the compiled code -----------------------------------------------------------
+
+def _helpers(tracer: Tracer) -> dict:
+    return {
+        source.TRACER: tracer,
+        source.SAVE: _save,
+        source.BACKWARD: gradients.backward,
+        source.GET_GRAD: gradients.get_grad,
+        source.SET_GRAD: gradients.set_grad,
+    }
+
+
+def _save(value):
+    """`.save()` inside a trace: every value survives the trace anyway; this returns it."""
+    return value
+
+
+# -- leaving the trace ------------------------------------------------------------------------------
+
+def _write_back(frame: types.FrameType, names: dict) -> None:
+    """Make the trace body's assignments visible after the with-block, as for any block."""
+    if not names:
+        return
+    if not frame.f_code.co_flags & 0x1:  # not a function (CO_OPTIMIZED): a module or class body
+        frame.f_locals.update(names)
+        return
+    if sys.version_info >= (3, 13):
+        proxy = frame.f_locals
+        for k, v in names.items():
+            proxy[k] = v
+        return
+    import ctypes
+    frame.f_locals.update(names)
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+# Uncaught errors of a script's trace body skip these two frames (see tracebacks.install).
+tracebacks.HIDDEN.update({Tracer.__enter__.__code__, Tracer.__exit__.__code__})
