@@ -268,7 +268,7 @@ def test_usage_errors_are_one_line(shell, hf, cell, message):
 
 
 def test_option_values_are_python_expressions():
-    from nnpatch.jupyter.magics import _words
+    from nnpatch.jupyter.magic_line import words as _words
     line = "model --clean nnpatch.tasks.ioi(8, template=0) --answer \" Mary\" --by layer,pos  # note"
     assert _words(line) == ["model", "--clean", "nnpatch.tasks.ioi(8, template=0)", "--answer", "\" Mary\"",
                             "--by", "layer,pos"]

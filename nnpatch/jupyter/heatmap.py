@@ -18,13 +18,15 @@ shows anything.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import NNPatchError
-from ..patching.result import PatchingResult
+
+if TYPE_CHECKING:  # a result draws itself with plot() below, so this import is for types only
+    from ..patching.result import PatchingResult
 
 SCALE = "RdBu"  # diverging; the colour axis is centred at 0
 

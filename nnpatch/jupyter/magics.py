@@ -25,14 +25,10 @@ one-line `UsageError`s; errors inside a cell show the cell's own lines.
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import difflib
-import io
 import keyword
 import math
-import tokenize
 import types
 from dataclasses import dataclass
 
@@ -48,6 +44,7 @@ from ..errors import NNPatchError
 from ..patching import activation_patching, attribution_patching
 from ..patching.metrics import METRICS, REGISTRY, effect, score
 from ..patching.pairs import as_list, from_task_pairs
+from .magic_line import PATCH, SWEEP, TRACE, body, indent, one_line, parse
 
 
 def load_ipython_extension(ipython) -> None:
@@ -84,10 +81,10 @@ class PatchingMagics(Magics):
                 logits = model.lm_head.output[:, -1]
         """
         __tracebackhide__ = True
-        args = _parse(_TRACE, line)
+        args = parse(TRACE, line)
         self._model(args.model)
-        body = _body(cell, "%%trace")
-        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + _indent(body, 1)
+        code = body(cell, "%%trace")
+        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + indent(code, 1)
         # The `with` line stands where the magic line was, so the cell's lines keep their numbers
         # and IPython can label them as the cell's own ("Cell In[5], line 3").
         self._run(source, self.shell.compile.cache(source, self.shell.execution_count, raw_code=source))
@@ -127,14 +124,14 @@ class PatchingMagics(Magics):
                     patched_logits = model.output.logits[:, -1]
         """
         __tracebackhide__ = True
-        args = _parse(_PATCH, line)
+        args = parse(PATCH, line)
         model = self._model(args.model)
         pairs = self._pairs(args)
         metric = self._metric(args.metric)
         n = len(as_list(pairs.clean))
         answer, wrong = _token_ids(model, pairs.answer, n, "--answer"), _token_ids(model, pairs.wrong, n, "--wrong")
         runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
-        source = _patch_source(args.model, _body(cell, "%%patch"))
+        source = _patch_source(args.model, body(cell, "%%patch"))
         filename = f"<%%patch In[{self.shell.execution_count}]>"
         with _borrowing(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
             self._run(source, filename)
@@ -162,7 +159,7 @@ class PatchingMagics(Magics):
             attn = nnpatch.activation_patching(model, pairs, site="attn_out", by=("layer", "pos"))
             attn.plot()
         """
-        args = _parse(_SWEEP, line)
+        args = parse(SWEEP, line)
         model = self._model(args.model)
         pairs = self._pairs(args)
         metric = self._metric(args.metric)
@@ -177,7 +174,7 @@ class PatchingMagics(Magics):
             result = sweep(model, pairs.clean, pairs.corrupt, answer=answer, wrong=wrong, metric=metric,
                            site=args.site, by=args.by, direction=args.direction, layers=layers)
         except NNPatchError as e:
-            raise UsageError(f"%patch_sweep: {_one_line(e)}") from None
+            raise UsageError(f"%patch_sweep: {one_line(e)}") from None
         display(result.plot())
         if args.out:
             self.shell.user_ns[args.out] = result
@@ -209,7 +206,7 @@ class PatchingMagics(Magics):
         try:
             return eval(expr, self.shell.user_ns)
         except Exception as e:  # noqa: BLE001 - the user's expression; say what went wrong
-            raise UsageError(f"{option} {expr}: {type(e).__name__}: {_one_line(e)} (option values are "
+            raise UsageError(f"{option} {expr}: {type(e).__name__}: {one_line(e)} (option values are "
                              "Python expressions: quote text, e.g. --answer \" Mary\")") from None
 
     def _pairs(self, args) -> types.SimpleNamespace:
@@ -314,7 +311,7 @@ def _token_ids(model, value, n: int, option: str) -> list[int] | None:
     try:
         return token_ids(getattr(model, "tokenizer", None), value, n, what=option)
     except NNPatchError as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
 
 
 def _last_logits(output, model_name: str) -> torch.Tensor:
@@ -357,7 +354,7 @@ def _patch_source(model: str, cell: str) -> str:
             f"    with tracer.invoke({_RUNS}.corrupt) as {corrupt}: {_RUNS}.corrupt_out = {model}.output\n"
             f"    clean, corrupt = {model}.of({clean}), {model}.of({corrupt})\n"
             f"    with tracer.invoke({_RUNS}.corrupt):\n"
-            + _indent(cell, 2) +
+            + indent(cell, 2) +
             f"        {_RUNS}.patched_out = {model}.output\n")
 
 
@@ -375,144 +372,3 @@ def _borrowing(ns: dict, bind: dict, restore: tuple[str, ...]):
                 ns[k] = saved[k]
             else:
                 ns.pop(k, None)
-
-
-# -- parsing magic lines --------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line UsageErrors that show the magic's usage."""
-
-    def __init__(self, prog: str, usage: str):
-        super().__init__(prog=prog, usage=usage, add_help=False, allow_abbrev=False)
-
-    def error(self, message):
-        if message.startswith("unrecognized arguments"):
-            options = [o for a in self._actions for o in a.option_strings]
-            unknown = message.split(":", 1)[1].split()
-            close = [c for u in unknown if u.startswith("-") for c in difflib.get_close_matches(u, options, n=1)]
-            if close:
-                message += f" (did you mean {close[0]}?)"
-        raise UsageError(f"{self.prog}: {message}; usage: {self.usage}")
-
-
-def _trace_parser() -> _Parser:
-    p = _Parser("%%trace", "%%trace MODEL [INPUT ...]")
-    p.add_argument("model")
-    p.add_argument("inputs", nargs="*")
-    return p
-
-
-def _pair_options(p: _Parser) -> _Parser:
-    p.add_argument("model")
-    p.add_argument("--clean", required=True)
-    p.add_argument("--corrupt")
-    p.add_argument("--answer")
-    p.add_argument("--wrong")
-    p.add_argument("--metric", default="logit_diff", type=_name)
-    p.add_argument("--out", type=_out_name)
-    return p
-
-
-def _patch_parser() -> _Parser:
-    return _pair_options(_Parser(
-        "%%patch", "%%patch MODEL --clean EXPR [--corrupt EXPR] [--answer TOK --wrong TOK] "
-                   "[--metric NAME] [--out NAME]"))
-
-
-def _sweep_parser() -> _Parser:
-    p = _pair_options(_Parser(
-        "%patch_sweep", "%patch_sweep MODEL --clean EXPR [--corrupt EXPR] [--site SITE] [--by layer,pos] "
-                        "[--metric NAME] [--answer TOK --wrong TOK] [--direction denoise|noise] "
-                        "[--layers EXPR] [--attribution] [--out NAME]"))
-    p.add_argument("--site", default="resid_pre", type=_name)
-    p.add_argument("--by", default="layer,pos", type=_name)
-    p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))
-    p.add_argument("--layers")
-    p.add_argument("--attribution", action="store_true")
-    return p
-
-
-def _name(text: str) -> str:
-    """A name option (a site, a metric, dims), written bare or as a string literal."""
-    if text[:1] in "'\"":
-        try:
-            return str(ast.literal_eval(text))
-        except (ValueError, SyntaxError):
-            raise argparse.ArgumentTypeError(f"{text} is not a string") from None
-    return text
-
-
-def _out_name(text: str) -> str:
-    if not text.isidentifier() or keyword.iskeyword(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a variable name")
-    return text
-
-
-_TRACE, _PATCH, _SWEEP = _trace_parser(), _patch_parser(), _sweep_parser()
-
-
-def _parse(parser: _Parser, line: str) -> argparse.Namespace:
-    return parser.parse_args(_words(line))
-
-
-def _words(line: str) -> list[str]:
-    """Split a magic line at spaces outside brackets and strings, keeping each word's text, so that
-    option values can be Python expressions: `--clean tasks.ioi(8, seed=1)`, `--answer " Mary"`."""
-    words: list[str] = []
-    start = end = None  # the current word's columns
-    depth = 0
-    line = line.strip()
-    skip = (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT)
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(line).readline):
-            if tok.type in skip:
-                continue
-            (_, col), (_, col_end) = tok.start, tok.end
-            if start is not None and (depth > 0 or col == end):
-                end = col_end
-            else:
-                if start is not None:
-                    words.append(line[start:end])
-                start, end = col, col_end
-            if tok.type == tokenize.OP:
-                depth += tok.string in "([{"
-                depth -= tok.string in ")]}"
-    except (tokenize.TokenError, SyntaxError) as e:
-        raise UsageError(f"cannot split the magic line ({e.args[0]}): check its brackets and quotes") from None
-    if start is not None:
-        words.append(line[start:end])
-    return words
-
-
-def _body(cell: str, magic: str) -> str:
-    """The cell's code, checked: a syntax error is reported at its line of the cell (the magic
-    line is line 1), since the code the cell runs in is generated around it."""
-    if not cell.strip():
-        raise UsageError(f"{magic}: the cell is empty; write the trace's body below the magic line")
-    try:
-        ast.parse(cell)
-    except SyntaxError as e:
-        text = (e.text or "").strip()
-        raise UsageError(f"{magic}: SyntaxError in cell line {(e.lineno or 0) + 1}: {e.msg}"
-                         + (f": {text}" if text else "")) from None
-    return cell
-
-
-def _indent(code: str, levels: int) -> str:
-    """Indent code by `levels` blocks, leaving the inside of multi-line strings as it was."""
-    lines = code.splitlines(keepends=True)
-    inside = set()  # 0-based lines that continue a multi-line string
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
-            if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
-                inside.update(range(tok.start[0], tok.end[0]))  # rows after the first, 0-based
-    except (tokenize.TokenError, SyntaxError):
-        pass  # the compiler will report the problem at its line
-    pad = "    " * levels
-    out = [line if i in inside or not line.strip() else pad + line for i, line in enumerate(lines)]
-    text = "".join(out)
-    return text if text.endswith("\n") else text + "\n"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
