@@ -143,6 +143,13 @@ class Envoy:
                 f"{where}.output / .input exist only inside an invoke of a trace: write "
                 f"`with model.trace(prompt):` or `with tracer.invoke(prompt):` around the code "
                 "that reads them")
+        traced = inv.tracer.model
+        if traced is not self._root and traced._module is not self._root._module:
+            raise NNPatchError(
+                f"{self._path or 'model'} is a module of another model ({self._root!r} at "
+                f"{id(self._root):#x}) than the one this trace runs ({traced!r} at {id(traced):#x}): "
+                "a trace reads and edits only the model it was opened on. Open a separate trace "
+                "for the other model, and pass values between them in variables")
         return inv
 
     def __repr__(self) -> str:

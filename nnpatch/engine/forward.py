@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import greenlet
 import torch
 
 from ..errors import NNPatchError
 from .batching import Rows, map_tensors
-from .hooks import attach
+from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
-from .invoke import Event, Invoke, event_name, out_of_order
+from .invoke import Event, Invoke, event_name, out_of_order, torch_state
 
 
 class ForwardPass:
@@ -30,26 +29,35 @@ class ForwardPass:
         self.rows: dict[Invoke, Rows] = dict(zip(invokes, self.batch.rows))
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
+        self.replays: dict[Event, list[tuple[Invoke, Any]]] = defaultdict(list)
         self.ready: list[Invoke] = []
         self.handles: dict[Event, Any] = {}
         self.sentinels: dict[str, Any] = {}
         self.fired: dict[Event, Any] = {}  # batched values handed out, by event
+        self.flow_versions: dict[Event, tuple] = {}  # their tensors' versions when they flowed on
         self.current: Event | None = None
-        self.grad = tracer._program.uses_grad
+        self.ticks = 0  # events dispatched so far
+        self.resumes = 0  # times an invoke ran (progress, for deadlock detection)
+        # The trace's grad mode is the caller's; values are made differentiable when the body
+        # asks for gradients, even of a model whose parameters do not require them.
+        self.torch_state = torch_state()
+        self.grad = tracer._program.uses_grad and torch.is_grad_enabled()
 
     def run(self) -> None:
         outer = self._outer()
         try:
-            with torch.enable_grad() if self.grad else torch.no_grad():
-                for inv, rows in self.rows.items():
+            for inv, rows in self.rows.items():
+                if inv.greenlet is None:
                     inv.start(self, rows, outer)
                     self._drain()
-                if any(not inv.done for inv in self.invokes):
-                    self.output = self.model._forward(self.batch)
-                self._drain()
+                else:
+                    self._continue(inv, rows)
+            self._drain()
+            if any(not inv.done for inv in self.invokes):
+                self.output = self.model._forward(self.batch)
+            self._drain()
         finally:
-            for h in reversed([*self.sentinels.values(), *self.handles.values()]):
-                h.remove()
+            remove_all([*self.sentinels.values(), *self.handles.values()])
             self.handles.clear()
             self.sentinels.clear()
         self._finish()
@@ -57,9 +65,30 @@ class ForwardPass:
     def _outer(self):
         return self.tracer._outer_namespace
 
+    def _continue(self, inv: Invoke, rows: Rows) -> None:
+        """Take over an invoke paused in an earlier pass: its rows here get back the values it
+        took there (with its edits), and it waits here for what it waited for there."""
+        inv.pass_, inv.rows = self, rows
+        for event, view in inv.cache.items():
+            self.replays[event].append((inv, inv.snapshots.get(event, view)))
+            self._hook(event)
+        kind = inv.waiting[0]
+        if kind == "next":
+            inv.stale = False
+            self.wait_event(inv, inv.waiting[1])
+        elif kind == "name":
+            _, producer, name = inv.waiting
+            if producer.done or name in producer.final:
+                self.ready.append(inv)
+            else:
+                self.wait_name(inv, producer, name)
+
     # -- scheduling ------------------------------------------------------------------------------
     def wait_event(self, inv: Invoke, event: Event) -> None:
         self.waiting[event].append(inv)
+        self._hook(event)
+
+    def _hook(self, event: Event) -> None:
         if event not in self.handles:
             path, kind = event
             module = self.model._resolve(path)
@@ -84,6 +113,7 @@ class ForwardPass:
         self.ready.extend(self.name_waiting.pop((producer.index, name), ()))
 
     def finished(self, inv: Invoke) -> None:
+        inv.home = self
         for key in [k for k in self.name_waiting if k[0] == inv.index]:
             self.ready.extend(self.name_waiting.pop(key))
 
@@ -94,51 +124,51 @@ class ForwardPass:
             self.ready.clear()
             queue.sort(key=lambda i: i.index)
             inv = queue.pop(0)
-            if not inv.done and not inv.deferred:
+            if not inv.done and inv.greenlet is not None and inv.pass_ is self:
                 inv.resume()
 
     def _dispatch(self, event: Event, value):
         self.current = event
+        self.ticks += 1
         self.fired[event] = value
         try:
+            for inv, content in self.replays.pop(event, ()):
+                view = self.view(inv, event)
+                _restore(view, content)
+                inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
             self._drain(self.waiting.pop(event, []))
         finally:
             self.current = None
-        # An invoke still paused for another invoke's variable has taken module values it may go
-        # on to edit; those values flow on now, so it must run again in a later pass.
-        for waiters in list(self.name_waiting.values()):
-            for inv in waiters:
-                if inv.cache and not inv.deferred:
-                    self._defer(inv)
+        self.flow_versions[event] = _versions(self.fired[event])
         return self.fired[event]
 
-    def _defer(self, inv: Invoke) -> None:
-        inv.deferred = True
-        for waiters in self.waiting.values():
-            if inv in waiters:
-                waiters.remove(inv)
-        for waiters in self.name_waiting.values():
-            if inv in waiters:
-                waiters.remove(inv)
-        inv.greenlet.throw(greenlet.GreenletExit)
+    def unchanged_since_flow(self, event: Event) -> bool:
+        """Whether the batched value of `event` is as it was when it flowed on (no in-place
+        edit since; conservative: an edit of any invoke's rows counts)."""
+        return event in self.flow_versions and _versions(self.fired[event]) == self.flow_versions[event]
 
     def _finish(self) -> None:
-        """After the forward pass: invokes still paused for a variable, or for a module they
-        asked for after pausing for a variable, run again in the next pass; an invoke paused
-        for a module that never came read modules out of order."""
+        """After the forward pass: an invoke paused for a module that never came read modules
+        out of order; invokes paused for another invoke go on in the next pass."""
         self.ready.clear()
         for inv in self.invokes:
-            if inv.done or inv.deferred:
+            if inv.done:
                 continue
-            paused_for_module = isinstance(inv.waiting[0], str)
-            if paused_for_module and inv.backward is not None:
-                raise NNPatchError(
-                    f"{event_name(inv.waiting)} was not read during the forward pass, so the backward "
-                    f"pass has no gradient for it: read it (e.g. `h = {event_name(inv.waiting)}`) "
-                    "before calling backward(), then use h.grad")
-            if paused_for_module and not inv.waited_across:
-                raise out_of_order(inv.waiting, inv.last_event)
-            self._defer(inv)
+            if inv.restart:  # its values before the pause are lost: run it again from the start
+                inv.close()
+                inv.reset()
+                continue
+            kind = inv.waiting[0]
+            if kind == "maybe":  # asked for after a pause, and the pass had gone past it
+                inv.waiting = ("next", inv.waiting[1])
+            elif kind == "event":
+                event = inv.waiting[1]
+                if inv.backward is not None:
+                    raise NNPatchError(
+                        f"{event_name(event)} was not read during the forward pass, so the backward "
+                        f"pass has no gradient for it: read it (e.g. `h = {event_name(event)}`) "
+                        "before calling backward(), then use h.grad")
+                raise out_of_order(event, inv.last_event)
         for inv in self.invokes:
             if inv.done:
                 inv.pass_ = None
@@ -146,7 +176,7 @@ class ForwardPass:
     # -- hooks -----------------------------------------------------------------------------------
     def _input_hook(self, event: Event):
         def hook(module, args, kwargs):
-            if not self.waiting.get(event):
+            if not self.waiting.get(event) and event not in self.replays:
                 return None
             slot = input_slot(args, kwargs)
             if slot is not None:  # the input an invoke may edit gets a private copy
@@ -156,7 +186,7 @@ class ForwardPass:
 
     def _output_hook(self, event: Event):
         def hook(module, args, kwargs, output):
-            if not self.waiting.get(event):
+            if not self.waiting.get(event) and event not in self.replays:
                 return None
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook
@@ -222,3 +252,31 @@ def _copy_into(current, new, where: str) -> None:
         return
     if current is not new and current != new:
         raise NNPatchError(f"cannot set {where}: only tensor values can be replaced")
+
+
+def _restore(view, content) -> None:
+    """Copy the tensors of `content` into the matching tensors of `view` (same structure)."""
+    if isinstance(view, torch.Tensor):
+        if isinstance(content, torch.Tensor) and content is not view:
+            with torch.no_grad():
+                view.copy_(content)
+        return
+    if isinstance(view, (tuple, list)) and isinstance(content, (tuple, list)):
+        for v, c in zip(view, content):
+            _restore(v, c)
+    elif isinstance(view, dict) and isinstance(content, dict):
+        for k in view.keys() & content.keys():
+            _restore(view[k], content[k])
+
+
+def _versions(value) -> tuple:
+    found = []
+    map_tensors(lambda t: found.append(_version(t)), value)
+    return tuple(found)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be edited)
+        return -1

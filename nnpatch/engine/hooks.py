@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import signal
+import threading
 from typing import Callable, Iterable
 
 import torch
@@ -45,8 +47,32 @@ def hooks(root: torch.nn.Module, specs: Iterable[HookSpec]):
             handles.append(attach(module, kind, fn))
         yield
     finally:
+        remove_all(handles)
+
+
+def remove_all(handles: list) -> None:
+    """Remove hook handles in reverse order, all of them even if Ctrl-C lands meanwhile (the
+    KeyboardInterrupt is raised once they are gone)."""
+    with _interrupts_held():
         for h in reversed(handles):
             h.remove()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold back SIGINT (Ctrl-C) for the duration of a with-block, then deliver it."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def attach(module: torch.nn.Module, kind: str, fn: Callable):

@@ -1,19 +1,27 @@
 """Invokes: each invoke's program runs as a greenlet that meets the forward pass at the modules
 it reads.
 
-An `Invoke` pauses when it reads a module value the model has not computed yet, or a variable
-another invoke assigns and has not assigned yet; the forward pass (`forward.ForwardPass`)
-resumes it when the value exists. `current_invoke()` is the one place that knows which invoke's
-code is running; envoys and gradients ask it.
+An `Invoke` pauses when it reads a module value the model has not computed yet, when it reads a
+variable that another invoke has not finished assigning, and at a barrier until every
+participant has reached it; the forward pass (`forward.ForwardPass`) resumes it when what it
+waits for exists. `current_invoke()` is the one place that knows which invoke's code is running;
+envoys and gradients ask it.
+
+Waiting for another invoke stops this invoke's clock: the forward pass may run on meanwhile, but
+what this invoke does next happens, for its own rows, at the point where it paused. When the pass
+has moved on by the time it is released, its next module read continues in a further forward
+pass that replays the values it had already taken (with its edits) and resumes it at the module
+it asks for. Its statements run once, in the order written.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import greenlet
+import torch
 
 from ..errors import NNPatchError
-from .batching import Rows
+from .batching import Rows, map_tensors
 from .source import InvokeBody
 
 Event = tuple[str, str]  # (module path, "input" | "output")
@@ -30,20 +38,31 @@ class Invoke:
         self.namespace: InvokeNamespace | None = None
         self.greenlet: greenlet.greenlet | None = None
         self.done = False
-        self.deferred = False
-        self.waiting: Event | tuple | None = None  # what it paused for
-        self.cache: dict[Event, Any] = {}  # values handed out in this pass
+        self.waiting: tuple | None = None  # ("event" | "next", event) | ("name", invoke, name) | ("barrier", b)
+        self.cache: dict[Event, Any] = {}  # views handed out, by event (of any pass)
+        self.taken_in: dict[Event, Any] = {}  # the pass each view is from
         self.last_event: Event | None = None
-        self.waited_across = False  # paused for another invoke's variable in this pass
+        self.final: set[str] = set()  # names this invoke will not assign again
+        self.met: dict[int, dict] = {}  # invoke index -> its variables at the last barrier shared with it
         self.backward = None  # the gradient context of its latest backward
         self.pass_ = None  # the ForwardPass it runs in
+        self.home = None  # the ForwardPass it finished in
         self.rows: Rows | None = None
+        self.torch_state = None  # grad mode and autocast inside this invoke's code
+        # Waiting for another invoke stops this invoke's clock at `live` (the event being computed
+        # when it paused); `stale` once the pass has gone on, so its next read needs a new pass.
+        self.live: Event | None = None
+        self.paused_at: int | None = None
+        self.stale = False
+        self.snapshots: dict[Event, Any] = {}  # content of values taken before the pause
+        self.restart = False  # a value it took was edited after it flowed on: run again from the start
 
     # -- life in a pass --------------------------------------------------------------------------
     def start(self, pass_, rows: Rows, outer) -> None:
         self.pass_, self.rows = pass_, rows
         if self.namespace is None:
             self.namespace = InvokeNamespace(self, outer)
+        self.torch_state = pass_.torch_state
         self.greenlet = _InvokeGreenlet(self._run)
         self.greenlet.invoke = self
         self.resume()
@@ -55,45 +74,104 @@ class Invoke:
         self.pass_.finished(self)
 
     def resume(self) -> None:
-        self.waiting = None
-        self.greenlet.switch()
+        """Run this invoke until it pauses again, with its own grad mode and autocast state."""
+        outer = torch_state()
+        _settorch_state(self.torch_state, outer)
+        self.pass_.resumes += 1
+        try:
+            self.greenlet.switch()
+        finally:
+            self.torch_state = torch_state()
+            _settorch_state(outer, self.torch_state)
 
     def pause(self, waiting) -> None:
         self.waiting = waiting
         self.greenlet.parent.switch()
+        self.waiting = None
+
+    def pause_across(self, waiting) -> None:
+        """Pause for another invoke. Its clock stops here: what it took so far is kept as it is
+        now, so that a later pass can put it back."""
+        p = self.pass_
+        if not self.stale:
+            self.live, self.paused_at = p.current, p.ticks
+            for event, view in self.cache.items():
+                if event != p.current and event not in self.snapshots:
+                    if not p.unchanged_since_flow(event):
+                        self.restart = True  # edited after it flowed on: its value then is lost
+                    self.snapshots[event] = map_tensors(lambda t: t.detach().clone(), view)
+        self.pause(waiting)
+        if self.pass_ is not p or p.ticks != self.paused_at:
+            self.stale = True
+
+    def close(self) -> None:
+        """End a paused invoke (its `finally` blocks run) and drop what it holds."""
+        g = self.greenlet
+        for _ in range(3):  # an invoke that swallows GreenletExit gets it again
+            if g is None or g.dead or not g:
+                break
+            try:
+                g.throw(greenlet.GreenletExit)
+            except greenlet.GreenletExit:
+                break
+        self.greenlet = None
+        if self.namespace is not None:  # nothing is written back from a failed trace
+            dict.clear(self.namespace)
+        self.cache, self.taken_in, self.snapshots, self.met = {}, {}, {}, {}
+        self.backward = self.pass_ = self.home = self.rows = None
 
     # -- module values ---------------------------------------------------------------------------
     def value(self, event: Event):
         """This invoke's view of a module value, waiting for the forward pass to reach it."""
-        if event in self.cache:
+        if event in self.cache and not (self.stale and event == self.live):
             return self.cache[event]
-        p = self.pass_
-        if p.current != event:
-            if event in p.fired:
-                if self.backward is None:
-                    raise out_of_order(event, self.last_event)
-            else:
-                p.wait_event(self, event)
-                self.pause(event)
-        view = p.view(self, event)
+        self._reach(event)
+        view = self.pass_.view(self, event)
         self.cache[event] = view
+        self.taken_in[event] = self.pass_
         self.last_event = event
         return view
 
+    def _reach(self, event: Event) -> None:
+        """Pause until the forward pass computes `event` (in a further pass when this invoke's
+        clock stopped before the present pass got there)."""
+        p = self.pass_
+        optimistic = False
+        if self.stale:
+            if (p.current == event or event not in p.fired) and self._rows_intact():
+                # Its rows here are what they would be had it not paused: if the pass has not
+                # reached `event` yet, it can be read here; if it has, a further pass serves it.
+                self.stale, optimistic = False, True
+            else:
+                self.pause(("next", event))
+                return
+        if p.current == event:
+            return
+        if event in p.fired:
+            if self.backward is None:
+                raise out_of_order(event, self.last_event)
+            return
+        p.wait_event(self, event)
+        self.pause(("maybe" if optimistic else "event", event))
+
+    def _rows_intact(self) -> bool:
+        """Whether every value this invoke took is from this pass and unedited since it flowed
+        on: then the forward pass went on for its rows exactly as if it had not paused."""
+        p = self.pass_
+        return all(self.taken_in.get(e) is p and p.unchanged_since_flow(e) for e in self.cache)
+
     def value_of(self, other: "Invoke", event: Event):
         """Another invoke's rows of a module value, read from this invoke."""
-        if other not in self.pass_.rows:
-            raise NNPatchError(
-                f"invoke {other.index} is not part of this forward pass, so its {event_name(event)} "
-                "cannot be read here; read it inside that invoke and assign it to a variable")
-        p = self.pass_
-        if p.current != event:
-            if event in p.fired:
-                raise out_of_order(event, self.last_event)
-            p.wait_event(self, event)
-            self.pause(event)
+        home = self.pass_ if other in self.pass_.rows else other.home
+        if home is not self.pass_:
+            if home is None or event not in home.fired:
+                raise NNPatchError(
+                    f"invoke {other.index} did not compute {event_name(event)} in a forward pass "
+                    "this invoke can see; read it inside that invoke and assign it to a variable")
+            return home.view(other, event)
+        self._reach(event)
         self.last_event = event
-        return p.view(other, event)
+        return self.pass_.view(other, event)
 
     def set_value(self, event: Event, value) -> None:
         current = self.value(event)
@@ -117,19 +195,68 @@ class Invoke:
         return after[0] if after else None
 
     def wait_for_name(self, reader: "Invoke", name: str):
+        """`name` as this invoke holds it where the reader meets it: at the last barrier the two
+        shared, else once this invoke has assigned it for the last time."""
         while True:
-            ns = self.namespace
-            if ns is not None and dict.__contains__(ns, name):
-                return dict.__getitem__(ns, name)
-            if self.done or self not in reader.pass_.invokes:
-                return _MISSING
-            reader.waited_across = True
+            met = reader.met.get(self.index)
+            if met is not None and name in met:
+                return met[name]
+            if self.done or name in self.final:
+                ns = self.namespace
+                return dict.__getitem__(ns, name) if ns is not None and dict.__contains__(ns, name) else _MISSING
             reader.pass_.wait_name(reader, self, name)
-            reader.pause((self, name))
+            reader.pause_across(("name", self, name))
 
-    def stored(self, name: str) -> None:
+    def finalize(self, names: tuple[str, ...]) -> None:
+        """This invoke has passed its last assignment of `names`."""
+        self.final.update(names)
         if self.pass_ is not None:
-            self.pass_.wake(self, name)
+            for name in names:
+                self.pass_.wake(self, name)
+
+    def arrive(self, barrier: "Barrier") -> None:
+        if self in barrier.arrived:
+            raise NNPatchError(f"invoke {self.index} called the same barrier twice before the other "
+                               f"{barrier.n - 1} invokes reached it")
+        barrier.arrived.append(self)
+        if len(barrier.arrived) < barrier.n:
+            barrier.waiting.append(self)
+            self.pause_across(("barrier", barrier))
+            return
+        barrier.release()
+        if self.pass_ is not None:
+            self.pass_.ready.extend(w for w in barrier.released_waiters if w is not self)
+
+
+class Barrier:
+    """`tracer.barrier(n)`: the `n` invokes that call it wait for each other there, and what each
+    has assigned by then is what the others read after it."""
+
+    def __init__(self, n: int):
+        if not isinstance(n, int) or n < 1:
+            raise NNPatchError(f"tracer.barrier(n) takes the number of invokes that meet there, got {n!r}")
+        self.n = n
+        self.arrived: list[Invoke] = []
+        self.waiting: list[Invoke] = []
+        self.released_waiters: list[Invoke] = []
+
+    def __call__(self) -> None:
+        inv = current_invoke()
+        if inv is None:
+            raise NNPatchError("call a barrier inside the invokes that meet there: "
+                               "`with tracer.invoke(...): ...; barrier()`")
+        inv.arrive(self)
+
+    def release(self) -> None:
+        variables = {inv.index: dict(inv.namespace.own()) for inv in self.arrived}
+        for reader in self.arrived:
+            for inv in self.arrived:
+                if inv is not reader:
+                    reader.met[inv.index] = variables[inv.index]
+        self.released_waiters, self.waiting, self.arrived = list(self.waiting), [], []
+
+    def __repr__(self) -> str:
+        return f"barrier({self.n})"
 
 
 class _InvokeGreenlet(greenlet.greenlet):
@@ -163,15 +290,36 @@ class InvokeNamespace(dict):
                 return value
         return self._outer.lookup(name)
 
-    def __setitem__(self, name, value):
-        dict.__setitem__(self, name, value)
-        self._invoke.stored(name)
-
     def own(self) -> dict:
         return {k: v for k, v in self.items() if k != "__builtins__"}
 
 
 _MISSING = object()
+
+
+# -- grad mode and autocast, per invoke -----------------------------------------------------------
+
+_AUTOCAST = tuple(d for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+
+
+def torch_state() -> tuple:
+    state = [torch.is_grad_enabled()]
+    for device in _AUTOCAST:
+        on = torch.is_autocast_enabled(device)
+        state.append((on, torch.get_autocast_dtype(device) if on else None))
+    return tuple(state)
+
+
+def _settorch_state(state: tuple | None, now: tuple) -> None:
+    if state is None or state == now:
+        return
+    if state[0] != now[0]:
+        torch.set_grad_enabled(state[0])
+    for device, want, have in zip(_AUTOCAST, state[1:], now[1:]):
+        if want != have:
+            if want[1] is not None:
+                torch.set_autocast_dtype(device, want[1])
+            torch.set_autocast_enabled(device, want[0])
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -194,12 +342,20 @@ def out_of_order(event: Event, before: Event | None) -> NNPatchError:
         f"them ({event_name(event)} before {event_name(before)}), or read it in a separate trace")
 
 
-def deadlock_error(deferred: list[Invoke]) -> NNPatchError:
+def deadlock_error(stuck: list[Invoke]) -> NNPatchError:
     parts = []
-    for inv in deferred:
-        parts.append(f"invoke {inv.index} (at {event_name(inv.last_event)})")
+    for inv in stuck:
+        kind = inv.waiting[0] if inv.waiting else None
+        if kind == "name":
+            what = f"waits for {inv.waiting[2]!r} of invoke {inv.waiting[1].index}"
+        elif kind == "barrier":
+            b = inv.waiting[1]
+            what = f"waits at {b!r}, which {len(b.arrived)} of {b.n} invokes reached"
+        else:
+            what = f"is at {event_name(inv.last_event)}"
+        parts.append(f"invoke {inv.index} {what}")
     return NNPatchError(
-        "these invokes wait for each other's variables and no forward pass can satisfy them: "
-        + ", ".join(parts) + ". Make sure every variable one invoke reads from another is assigned "
-        "by a module the producer reaches, and that two invokes do not each need the other's "
-        "later value")
+        "these invokes wait for each other and no forward pass can satisfy them: "
+        + "; ".join(parts) + ". Make sure every variable one invoke reads from another is assigned "
+        "by a module the producer reaches, that every barrier(n) is called by n invokes, and that "
+        "two invokes do not each need the other's later value")

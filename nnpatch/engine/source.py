@@ -29,6 +29,7 @@ SAVE = "__nnpatch_save__"
 BACKWARD = "__nnpatch_backward__"
 GET_GRAD = "__nnpatch_grad__"
 SET_GRAD = "__nnpatch_set_grad__"
+FINAL = "__nnpatch_final__"
 
 
 @dataclass
@@ -233,9 +234,26 @@ def _invoke_body(stmts: list[ast.stmt], filename: str) -> InvokeBody:
         for n in _walk_scope(stmt):
             if _invoke_with(n):
                 raise NNPatchError(f"{filename}:{n.lineno}: invokes cannot be nested inside invokes")
-    module = ast.Module(body=stmts, type_ignores=[])
+    module = ast.Module(body=_with_final_marks(stmts), type_ignores=[])
     ast.fix_missing_locations(module)
     return InvokeBody(code=compile(module, filename, "exec"), stores=frozenset(_stored_names(stmts)))
+
+
+def _with_final_marks(stmts: list[ast.stmt]) -> list[ast.stmt]:
+    """After the last statement that assigns a name, mark the name final: another invoke that
+    reads it gets the value it has from then on, never an earlier one."""
+    last: dict[str, int] = {}
+    for i, stmt in enumerate(stmts):
+        for name in _stored_names([stmt]):
+            last[name] = i
+    out: list[ast.stmt] = []
+    for i, stmt in enumerate(stmts):
+        out.append(stmt)
+        names = sorted(n for n, j in last.items() if j == i)
+        if names:
+            mark = ast.Expr(_name_call(FINAL, [ast.Tuple([ast.Constant(n) for n in names], ast.Load())]))
+            out.append(_at(mark, stmt))
+    return out
 
 
 def _walk_scope(node):

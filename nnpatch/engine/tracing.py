@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import NNPatchError
 from . import gradients, source, tracebacks
 from .forward import ForwardPass
-from .invoke import Invoke, deadlock_error
+from .invoke import Barrier, Invoke, current_invoke, deadlock_error
 
 
 class Tracer:
@@ -77,6 +77,11 @@ class Tracer:
             exec(self._program.code, namespace, namespace)
         except BaseException as e:  # noqa: BLE001 - re-raised with the user's frames only
             tracebacks.drop_context(e, source.Skip)
+            for inv in self._invokes:
+                inv.close()
+            builtins = dict.get(namespace, "__builtins__")
+            dict.clear(namespace)  # the traceback keeps the body's frame: let its values go
+            dict.__setitem__(namespace, "__builtins__", builtins)
             raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
         finally:
             self._pending.clear()
@@ -88,9 +93,14 @@ class Tracer:
         """One prompt (or batch of prompts) of this trace. Use as `with tracer.invoke(x):`."""
         return InvokeInputs(inputs, kwargs)
 
-    def barrier(self, n: int = 0) -> "_Barrier":
-        """Accepted for nnsight compatibility; nnpatch synchronizes invokes by itself."""
-        return _Barrier()
+    def barrier(self, n: int) -> Barrier:
+        """A meeting point of `n` invokes (`barrier = tracer.barrier(2)`, then `barrier()` in
+        each): each waits there for the others, and reads what they assigned before it.
+
+        nnpatch synchronizes invokes without barriers (a variable another invoke assigns is read
+        once that invoke has assigned it for the last time); a barrier, where one is written,
+        says where two invokes meet instead."""
+        return Barrier(n)
 
     # -- called by the compiled trace body -----------------------------------------------------
     def _invoke(self, spec: "InvokeInputs | None", index: int) -> Invoke:
@@ -112,15 +122,17 @@ class Tracer:
         """Run the pending invokes: one batched forward pass, and more if dependencies need it."""
         group, self._pending = self._pending, []
         todo = list(group)
-        while todo:
-            finished_before = sum(inv.done for inv in group)
-            ForwardPass(self, group, todo).run()
-            deferred = [inv for inv in todo if inv.deferred]
-            if deferred and sum(inv.done for inv in group) == finished_before:
-                raise deadlock_error(deferred)
-            for inv in deferred:
-                inv.reset()
-            todo = deferred
+        try:
+            while todo:
+                forward = ForwardPass(self, group, todo)
+                forward.run()
+                todo = [inv for inv in todo if not inv.done]
+                if todo and not forward.resumes:
+                    raise deadlock_error(todo)
+        except BaseException:
+            for inv in group:  # paused invokes end here: their finally blocks run, their values go
+                inv.close()
+            raise
         for inv in group:  # later invokes win, as if the blocks had run one after another
             dict.update(self._outer_namespace, inv.namespace.own())
 
@@ -138,11 +150,6 @@ class InvokeInputs:
 
     def __exit__(self, *exc):
         return False
-
-
-class _Barrier:
-    def __call__(self, *args, **kwargs):
-        return None
 
 
 # -- variables ------------------------------------------------------------------------------------
@@ -188,7 +195,14 @@ def _helpers(tracer: Tracer) -> dict:
         source.BACKWARD: gradients.backward,
         source.GET_GRAD: gradients.get_grad,
         source.SET_GRAD: gradients.set_grad,
+        source.FINAL: _final,
     }
+
+
+def _final(names: tuple[str, ...]) -> None:
+    inv = current_invoke()
+    if inv is not None:
+        inv.finalize(names)
 
 
 def _save(value):
