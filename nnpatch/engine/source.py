@@ -43,28 +43,36 @@ class TraceProgram:
     code: types.CodeType  # the trace body, invoke blocks replaced by registrations
     invokes: list[InvokeBody] = field(default_factory=list)
     uses_grad: bool = False
+    target: str | None = None  # the name of `with model.trace(...) as <target>`
+    globals: frozenset[str] = frozenset()  # names the body declares global
 
 
-class Skip(Exception):
-    """Raised on the first line of a trace body so that Python does not run it natively."""
+class Skip(BaseException):
+    """Raised as the with-block is entered, so that Python does not run the trace body itself.
+    A BaseException, so that no `except Exception:` of the user's can catch it."""
 
 
 # -- stopping Python from running the with-body -----------------------------------------------
 
 def skip_body(frame: types.FrameType):
-    """Arrange for the next line event in `frame` to raise Skip. Returns the previous tracer."""
-    previous = sys.gettrace()
+    """Arrange for the caller's next instruction, the first one protected by the with-statement,
+    to raise Skip. Returns what `restore_tracing` needs to put back."""
+    saved = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
 
     def raise_skip(*_):
         raise Skip
 
     sys.settrace(lambda *_: None)
     frame.f_trace = raise_skip
-    return previous
+    frame.f_trace_opcodes = True  # the line of the body's first statement may be unprotected
+    return saved
 
 
-def restore_tracing(frame: types.FrameType, previous) -> None:
-    frame.f_trace = None
+def restore_tracing(frame: types.FrameType, saved) -> None:
+    """Put back the tracing (a debugger's, coverage's) that was on before the trace."""
+    previous, frame_trace, opcodes = saved
+    frame.f_trace = frame_trace
+    frame.f_trace_opcodes = opcodes
     sys.settrace(previous)
 
 
@@ -128,8 +136,48 @@ def _program_from_source(frame: types.FrameType, implicit_invoke: bool) -> Trace
                     "Compile such strings with nnpatch.engine.compile_source(source, filename)."
                 ) from None
         node = _find_with(tree, lineno, filename)
-        program = _PROGRAMS[key] = _compile_trace(node, filename, implicit_invoke)
+        _check_running_code(node, frame.f_code, filename)
+        program = _PROGRAMS[key] = _compile_trace(node, filename, implicit_invoke, _class_of(frame.f_code))
     return program
+
+
+def _check_running_code(node: ast.With, code: types.CodeType, filename: str) -> None:
+    """Refuse a body whose source is not the code that is running (a file edited after it was
+    imported): its statements must stand on lines the running code has, and use its names."""
+    lines = {line for _, _, line in code.co_lines() if line is not None}
+    names = set(code.co_names) | set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    body_lines = range(node.body[0].lineno, (node.end_lineno or node.lineno) + 1)
+    spans: set[int] = set()
+    problem = None
+    nested = {id(n) for stmt in node.body for c in ast.walk(stmt)
+              if isinstance(c, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)) for n in ast.walk(c)}
+    for stmt in node.body:
+        for n in _walk_scope(stmt):
+            if id(n) in nested:
+                continue
+            if isinstance(n, ast.stmt):
+                spans.update(range(n.lineno, (n.end_lineno or n.lineno) + 1))
+                silent = isinstance(n, (ast.Pass, ast.Global, ast.Nonlocal)) or (
+                    isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+                if not silent and n.lineno not in lines:
+                    problem = f"line {n.lineno} has no code in the running program"
+            elif isinstance(n, ast.Name) and n.id not in names and not n.id.startswith("__"):
+                problem = f"the name {n.id!r} is not in the running program"
+    extra = sorted(line for line in lines if line in body_lines and line not in spans)
+    if extra:
+        problem = f"the running program has code on line {extra[0]}, which the source does not"
+    if problem:
+        raise NNPatchError(
+            f"{filename} changed since it was loaded ({problem}), so nnpatch cannot read this "
+            "trace's body from it: reload the module (importlib.reload) or restart Python")
+
+
+def _class_of(code: types.CodeType) -> str | None:
+    """The class whose body encloses a function's code (for private-name mangling), if any."""
+    parts = getattr(code, "co_qualname", code.co_name).split(".")[:-1]
+    while parts and parts[-1] == "<locals>":
+        parts = parts[:-2]
+    return parts[-1] if parts else None
 
 
 def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
@@ -144,8 +192,9 @@ def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
                     best = node
     if best is None:
         raise NNPatchError(
-            f"could not find the `with ....trace(...)` statement at {filename}:{lineno}; "
-            "open traces with a with-statement written in the source")
+            f"could not find the `with ....trace(...)` statement at {filename}:{lineno}: open "
+            "traces with a with-statement written in the source. If it is there, the file "
+            "changed since it was loaded: reload the module (importlib.reload) or restart Python")
     if best.body and best.body[0].lineno == best.lineno:
         raise NNPatchError(
             f"{filename}:{lineno}: put the body of a trace on its own lines, below the with-statement")
@@ -159,10 +208,17 @@ def _is_call_to(expr: ast.expr, name: str) -> bool:
 
 # -- compiling --------------------------------------------------------------------------------
 
-def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool) -> TraceProgram:
+def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: str | None) -> TraceProgram:
+    _check_control_flow(node, filename)
     uses_grad = any(_uses_grad(stmt) for stmt in node.body)
     body = [_Rewriter().visit(stmt) for stmt in node.body]
-    program = TraceProgram(code=None, uses_grad=uses_grad)  # type: ignore[arg-type]
+    if owner is not None and owner.strip("_"):
+        body = [_Mangler(owner).visit(stmt) for stmt in body]
+    target = node.items[0].optional_vars
+    declared = {name for stmt in body for n in _walk_scope(stmt) if isinstance(n, ast.Global) for name in n.names}
+    program = TraceProgram(code=None, uses_grad=uses_grad,  # type: ignore[arg-type]
+                           target=target.id if isinstance(target, ast.Name) else None,
+                           globals=frozenset(declared))
     if implicit_invoke:
         if any(_invoke_with(n) for stmt in body for n in _walk_scope(stmt)):
             raise NNPatchError(
@@ -179,6 +235,51 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool) -> Trac
     ast.fix_missing_locations(module)
     program.code = compile(module, filename, "exec")
     return program
+
+
+def _check_control_flow(node: ast.With, filename: str) -> None:
+    """`return`, `break` and `continue` that would leave the trace body cannot run there."""
+    def visit(n, in_loop: bool):
+        for child in ast.iter_child_nodes(n):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                continue
+            word = ("return" if isinstance(child, ast.Return)
+                    else "break" if isinstance(child, ast.Break) and not in_loop
+                    else "continue" if isinstance(child, ast.Continue) and not in_loop else None)
+            if word:
+                raise NNPatchError(
+                    f"{filename}:{child.lineno}: `{word}` inside a trace body would leave it, but "
+                    "nnpatch runs the body itself, after the model's forward pass. Assign what you "
+                    f"need inside the body, and `{word}` after the with-block (e.g. set a flag in "
+                    "the body and test it after the block)")
+            visit(child, in_loop or isinstance(child, (ast.For, ast.AsyncFor, ast.While)))
+    for stmt in node.body:
+        visit(ast.Module(body=[stmt], type_ignores=[]), False)
+
+
+class _Mangler(ast.NodeTransformer):
+    """Private names (`self.__h`) as Python mangles them inside class `owner`'s body."""
+
+    def __init__(self, owner: str):
+        self.prefix = "_" + owner.lstrip("_")
+
+    def _mangle(self, name: str) -> str:
+        if name.startswith("__") and not name.endswith("__") and "." not in name:
+            return self.prefix + name
+        return name
+
+    def visit_Name(self, node):
+        node.id = self._mangle(node.id)
+        return node
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        node.attr = self._mangle(node.attr)
+        return node
+
+    def visit_arg(self, node):
+        node.arg = self._mangle(node.arg)
+        return node
 
 
 def _split_invokes(stmts: list[ast.stmt], program: TraceProgram, filename: str) -> list[ast.stmt]:

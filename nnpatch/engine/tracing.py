@@ -73,6 +73,8 @@ class Tracer:
                                    "on its own lines below the with-statement")
             return False
         namespace = self._outer_namespace = TraceNamespace(self, frame)
+        if self._program.target:  # `as tracer` was not bound: the body was skipped before it
+            dict.__setitem__(namespace, self._program.target, self)
         try:
             exec(self._program.code, namespace, namespace)
         except BaseException as e:  # noqa: BLE001 - re-raised with the user's frames only
@@ -85,7 +87,7 @@ class Tracer:
             raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
         finally:
             self._pending.clear()
-        _write_back(frame, namespace.assigned())
+        _write_back(frame, namespace.assigned(), self._program.globals)
         return True
 
     # -- the public surface ---------------------------------------------------------------------
@@ -212,12 +214,17 @@ def _save(value):
 
 # -- leaving the trace ------------------------------------------------------------------------------
 
-def _write_back(frame: types.FrameType, names: dict) -> None:
+def _write_back(frame: types.FrameType, names: dict, declared_global: frozenset[str]) -> None:
     """Make the trace body's assignments visible after the with-block, as for any block."""
     if not names:
         return
     if not frame.f_code.co_flags & 0x1:  # not a function (CO_OPTIMIZED): a module or class body
         frame.f_locals.update(names)
+        return
+    to_globals = declared_global | _stored_globals(frame.f_code)
+    for k in [k for k in names if k in to_globals]:
+        frame.f_globals[k] = names.pop(k)
+    if not names:
         return
     if sys.version_info >= (3, 13):
         proxy = frame.f_locals
@@ -227,6 +234,19 @@ def _write_back(frame: types.FrameType, names: dict) -> None:
     import ctypes
     frame.f_locals.update(names)
     ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+_GLOBALS_OF: dict[types.CodeType, frozenset[str]] = {}
+
+
+def _stored_globals(code: types.CodeType) -> frozenset[str]:
+    """Names a function assigns as globals (declared `global` in it)."""
+    found = _GLOBALS_OF.get(code)
+    if found is None:
+        import dis
+        found = _GLOBALS_OF[code] = frozenset(
+            i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+    return found
 
 
 # Uncaught errors of a script's trace body skip these two frames (see tracebacks.install).
