@@ -69,6 +69,16 @@ class Envoy:
             raise KeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
         return self._child(str(key), sub)
 
+    def __call__(self, *args, **kwargs):
+        """Run this module on the given inputs, e.g. the logit lens inside a trace:
+        `model.lm_head(model.transformer.ln_f(h))`. Inside a trace the call runs aside from it:
+        the trace's own reads and edits of this module do not see it."""
+        inv = current_invoke()
+        if inv is None or inv.pass_ is None:
+            return self._module(*args, **kwargs)
+        with inv.pass_.aside():
+            return self._module(*args, **kwargs)
+
     def __len__(self) -> int:
         return len(self._module)
 

@@ -8,6 +8,8 @@ Every hook is removed in a `finally`.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -24,9 +26,18 @@ class ForwardPass:
     def __init__(self, tracer, group: list[Invoke], invokes: list[Invoke]):
         self.tracer, self.group, self.invokes = tracer, group, invokes
         self.model = tracer.model
-        self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in invokes])
+        # A promptless invoke (`tracer.invoke()`) acts on every row of the batch.
+        given = [inv for inv in invokes if inv.spec.args or inv.spec.kwargs]
+        if not given:
+            raise NNPatchError("every invoke of this forward pass is promptless (`tracer.invoke()`); "
+                               "a promptless invoke acts on the other invokes' rows, so give at "
+                               "least one invoke inputs")
+        self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in given])
         # Known before any invoke starts, so one invoke can read a later one's rows (model.of).
-        self.rows: dict[Invoke, Rows] = dict(zip(invokes, self.batch.rows))
+        own = dict(zip(given, self.batch.rows))
+        self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
+        self.thread = threading.get_ident()
+        self.aside_depth = 0  # > 0 while a module is called aside from the trace
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
         self.replays: dict[Event, list[tuple[Invoke, Any]]] = defaultdict(list)
@@ -174,9 +185,24 @@ class ForwardPass:
                 inv.pass_ = None
 
     # -- hooks -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def aside(self):
+        """Module calls in this block (an invoke calling `model.lm_head(h)`) skip the trace."""
+        self.aside_depth += 1
+        try:
+            yield
+        finally:
+            self.aside_depth -= 1
+
+    def _ignores(self, event: Event) -> bool:
+        """Calls the trace must not see: aside calls, other threads' forwards, and modules no
+        invoke waits for here."""
+        return (self.aside_depth > 0 or threading.get_ident() != self.thread
+                or (not self.waiting.get(event) and event not in self.replays))
+
     def _input_hook(self, event: Event):
         def hook(module, args, kwargs):
-            if not self.waiting.get(event) and event not in self.replays:
+            if self._ignores(event):
                 return None
             slot = input_slot(args, kwargs)
             if slot is not None:  # the input an invoke may edit gets a private copy
@@ -186,7 +212,7 @@ class ForwardPass:
 
     def _output_hook(self, event: Event):
         def hook(module, args, kwargs, output):
-            if not self.waiting.get(event) and event not in self.replays:
+            if self._ignores(event):
                 return None
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook

@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import signal
 import threading
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -81,3 +82,18 @@ def attach(module: torch.nn.Module, kind: str, fn: Callable):
     if kind == "output":
         return module.register_forward_hook(fn, with_kwargs=True)
     raise ValueError(f"hook kind must be 'input' or 'output', got {kind!r}")
+
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(module: torch.nn.Module):
+    """One trace or sweep of a model at a time: another thread's trace of the same model waits
+    here until this one is done (a plain forward from another thread is not held up, and the
+    trace's hooks ignore it)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(module, threading.RLock())
+    with lock:
+        yield

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import NNPatchError
 from . import gradients, source, tracebacks
 from .forward import ForwardPass
+from .hooks import exclusive
 from .invoke import Barrier, Invoke, current_invoke, deadlock_error
 
 
@@ -124,6 +125,12 @@ class Tracer:
         """Run the pending invokes: one batched forward pass, and more if dependencies need it."""
         group, self._pending = self._pending, []
         todo = list(group)
+        with exclusive(self.model._module):
+            self._run_passes(group, todo)
+        for inv in group:  # later invokes win, as if the blocks had run one after another
+            dict.update(self._outer_namespace, inv.namespace.own())
+
+    def _run_passes(self, group: list[Invoke], todo: list[Invoke]) -> None:
         try:
             while todo:
                 forward = ForwardPass(self, group, todo)
@@ -135,8 +142,6 @@ class Tracer:
             for inv in group:  # paused invokes end here: their finally blocks run, their values go
                 inv.close()
             raise
-        for inv in group:  # later invokes win, as if the blocks had run one after another
-            dict.update(self._outer_namespace, inv.namespace.own())
 
 
 class InvokeInputs:

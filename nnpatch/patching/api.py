@@ -16,16 +16,29 @@ The work is split: `job` checks the inputs and enumerates cells, `runner` runs t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from ..engine import Model
+from ..engine.hooks import exclusive
 from .job import CellSink, Job, Row
 from .metrics import effect
 from .result import PatchingResult
 from .runner import Runner
 
+def _one_at_a_time(sweep):
+    """Sweeps of one model from several threads run one after another (they swap blocks)."""
+    @functools.wraps(sweep)
+    def run(model, *args, **kwargs):
+        with exclusive(model.module if isinstance(model, Model) else model):
+            return sweep(model, *args, **kwargs)
+    return run
+
+
+@_one_at_a_time
 def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                         metric: str | Callable = "logit_diff", site: str = "resid_pre",
                         by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
@@ -91,6 +104,7 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     return job.result(values, clean_score, corrupt_score, "activation")
 
 
+@_one_at_a_time
 def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                          metric: str | Callable = "logit_diff", site: str = "resid_pre",
                          by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
@@ -168,6 +182,7 @@ class PatchedRun:
     metric: str
 
 
+@_one_at_a_time
 def patch_cells(model, clean, corrupt=None, cells=(), *, site: str = "resid_pre",
                 by: Sequence[str] | str = ("layer", "pos"), answer=None, wrong=None,
                 metric: str | Callable = "logit_diff", direction: str = "denoise") -> PatchedRun:
