@@ -12,6 +12,7 @@ import torch
 import transformers as T
 
 import nnpatch
+from conftest import hook, patching_reference, site_places, sweep_cells
 from nnpatch.patching.sites import Site
 
 V = 80
@@ -52,14 +53,8 @@ def record(model, table):
     seen, handles = {}, []
     for name, per_layer in table.items():
         for site in per_layer:
-            module = model.get_submodule(site.path)
-            if site.kind == "input":
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, kwargs, key=(name, site.layer), s=site: seen.__setitem__(key, s.read(args, kwargs)),
-                    with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, key=(name, site.layer), s=site: seen.__setitem__(key, s.read(args, {}, out))))
+            handles.append(hook(model.get_submodule(site.path), site.kind,
+                                lambda v, key=(name, site.layer): seen.__setitem__(key, v)))
     try:
         with torch.no_grad():
             model(torch.tensor([[3, 4, 5, 6, 7, 8], [9, 4, 10, 11, 7, 12]]))
@@ -170,22 +165,13 @@ def test_register_sites_for_a_new_architecture():
 
     clean, corrupt = [[1, 2, 3, 4]], [[1, 5, 3, 4]]
     got = nnpatch.activation_patching(net, clean, corrupt, answer=7, wrong=8, site="ffn_out", progress=False)
-    for layer in range(3):  # the naive loop, written out
-        store = {}
-        h = net.layers[layer]["ffn"].register_forward_hook(lambda m, a, o: store.__setitem__("v", o))
-        with torch.no_grad():
-            net(torch.tensor(clean))
-        h.remove()
+    # The shared plain-hook reference, one forward per cell, with the path written out.
+    raw = patching_reference(net, site_places(net, {"ffn_out": "layers.{i}.ffn.output"}, n_layers=3), clean, corrupt,
+                             sweep_cells(("layer", "pos"), {"layer": 3, "pos": 4}), site="ffn_out", answer=7,
+                             wrong=8, metric="logit_diff_raw").scores.reshape(3, 4)
+    for layer in range(3):
         for pos in range(4):
-            def patch(m, a, o, pos=pos):
-                o = o.clone()
-                o[:, pos] = store["v"][:, pos]
-                return o
-            h = net.layers[layer]["ffn"].register_forward_hook(patch)
-            with torch.no_grad():
-                logits = net(torch.tensor(corrupt))[0, -1]
-            h.remove()
-            want = (float(logits[7] - logits[8]) - got.corrupt_score) / (got.clean_score - got.corrupt_score)
+            want = (float(raw[layer, pos]) - got.corrupt_score) / (got.clean_score - got.corrupt_score)
             assert float(got.values[layer, pos]) == pytest.approx(want, abs=1e-4)
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import nnpatch
+from conftest import all_hooks, last_logits, patching_reference, site_places, sweep_cells
 from nnpatch.sweep import patch_cells
 
 VOCAB = 60
@@ -35,119 +36,33 @@ BUILD = {"gpt2": gpt2, "llama": llama}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def place(hf, site, layer):
-    """(module, "input" | "output") of a site, written out by hand for each architecture."""
-    if isinstance(hf, GPT2LMHeadModel):
-        block = hf.transformer.h[layer]
-        return {"resid_pre": (block, "input"), "resid_mid": (block.ln_2, "input"),
-                "resid_post": (block, "output"), "attn_out": (block.attn, "output"),
-                "mlp_out": (block.mlp, "output"), "head_out": (block.attn.c_proj, "input")}[site]
-    block = hf.model.layers[layer]
-    return {"resid_pre": (block, "input"), "resid_mid": (block.post_attention_layernorm, "input"),
-            "resid_post": (block, "output"), "attn_out": (block.self_attn, "output"),
-            "mlp_out": (block.mlp, "output"), "head_out": (block.self_attn.o_proj, "input")}[site]
+# Where each site is, written out by hand (not read from nnpatch's site table).
+PATHS = {
+    "gpt2": {"resid_pre": "transformer.h.{i}.input",
+             "resid_mid": "transformer.h.{i}.ln_2.input = transformer.h.{i}.input + transformer.h.{i}.attn.output",
+             "resid_post": "transformer.h.{i}.output", "attn_out": "transformer.h.{i}.attn.output",
+             "mlp_out": "transformer.h.{i}.mlp.output", "head_out": "transformer.h.{i}.attn.c_proj.input"},
+    "llama": {"resid_pre": "model.layers.{i}.input",
+              "resid_mid": "model.layers.{i}.post_attention_layernorm.input = "
+                           "model.layers.{i}.input + model.layers.{i}.self_attn.output",
+              "resid_post": "model.layers.{i}.output", "attn_out": "model.layers.{i}.self_attn.output",
+              "mlp_out": "model.layers.{i}.mlp.output", "head_out": "model.layers.{i}.self_attn.o_proj.input"},
+}
 
 
-def first(x):
-    return x[0] if isinstance(x, tuple) else x
-
-
-def run(hf, ids, module=None, kind=None, edit=None):
-    """Last-position logits of one prompt; `edit(value) -> value` changes the site's value."""
-    store = {}
-
-    def pre(m, args):
-        store["v"] = args[0].detach().clone()
-        if edit is not None:
-            return (edit(args[0]),) + args[1:]
-
-    def post(m, args, out):
-        store["v"] = first(out).detach().clone()
-        if edit is not None:
-            new = edit(first(out))
-            return (new,) + out[1:] if isinstance(out, tuple) else new
-
-    handle = None
-    if module is not None:
-        handle = (module.register_forward_pre_hook(pre) if kind == "input"
-                  else module.register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0, -1]
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits, store.get("v")
+def places(hf):
+    return site_places(hf, PATHS["gpt2" if isinstance(hf, GPT2LMHeadModel) else "llama"])
 
 
 def naive(hf, site, by, direction, metric="logit_diff", clean=CLEAN, corrupt=CORRUPT,
           answer=ANSWER, wrong=WRONG, cells=None):
-    """One forward per cell and pair. Returns (values, clean score, corrupt score)."""
-    n_layers, n_heads = hf.config.num_hidden_layers, hf.config.num_attention_heads
-    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-
-    def stat(logits, i):
-        if metric in ("logit_diff", "logit_diff_raw"):
-            return float(logits[answer[i]] - logits[wrong[i]])
-        if metric == "prob":
-            return float(logits.softmax(-1)[answer[i]])
-        p = run(hf, clean[i])[0].log_softmax(-1)
-        return float((p.exp() * (p - logits.log_softmax(-1))).sum())
-
-    def score(prompts):
-        return sum(stat(run(hf, p)[0], i) for i, p in enumerate(prompts)) / len(prompts)
-
-    clean_score, corrupt_score = score(clean), score(corrupt)
-    seq = len(clean[0])
+    """The shared plain-hook reference. Returns (values, clean score, corrupt score)."""
     if cells is None:
-        axes = {"layer": range(n_layers), "head": range(n_heads), "pos": range(seq)}
-        grid = torch.cartesian_prod(*[torch.tensor(list(axes[d])) for d in by]).reshape(-1, len(by))
-        cells = [[dict(zip(by, map(int, row)))] for row in grid]
-    values = []
-    for patches in cells:
-        total = 0.0
-        for i in range(len(base)):
-            hooks, handles = [], []
-            for cell in patches:
-                module, kind = place(hf, site, cell["layer"])
-                src = run(hf, source[i], module, kind)[1]
-                stream = None
-                if site == "resid_mid":
-                    # The residual stream after attention is no module's output: write it through
-                    # the attention output, as the wanted value minus the block input.
-                    stream = {}
-                    block, _ = place(hf, "resid_pre", cell["layer"])
-                    handles.append(block.register_forward_pre_hook(lambda m, a, stream=stream: stream.update(x=a[0])))
-                    module, kind = place(hf, "attn_out", cell["layer"])
-
-                def edit(value, src=src, cell=cell, stream=stream):
-                    value = value.clone()
-                    pos = slice(None) if "pos" not in cell else cell["pos"]
-                    if "head" in cell:
-                        v = value.view(*value.shape[:-1], n_heads, -1)
-                        v[:, pos, cell["head"]] = src.view(*src.shape[:-1], n_heads, -1)[:, pos, cell["head"]]
-                    else:
-                        value[:, pos] = src[:, pos] - (0 if stream is None else stream["x"][:, pos])
-                    return value
-                hooks.append((module, kind, edit))
-            for module, kind, edit in hooks:
-                if kind == "input":
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, a, edit=edit: (edit(a[0]),) + a[1:]))
-                else:
-                    handles.append(module.register_forward_hook(
-                        lambda m, a, o, edit=edit: ((edit(o[0]),) + o[1:]) if isinstance(o, tuple) else edit(o)))
-            try:
-                logits = run(hf, base[i])[0]
-            finally:
-                for h in handles:
-                    h.remove()
-            total += stat(logits, i)
-        values.append(total / len(base))
-    values = torch.tensor(values)
-    if metric == "logit_diff":
-        values = (values - corrupt_score) / (clean_score - corrupt_score)
-    return values, clean_score, corrupt_score
+        shape = {"layer": hf.config.num_hidden_layers, "head": hf.config.num_attention_heads, "pos": len(clean[0])}
+        cells = sweep_cells(by, shape)
+    ref = patching_reference(hf, places(hf), clean, corrupt, cells, site=site, answer=answer, wrong=wrong,
+                             metric=metric, direction=direction)
+    return ref.values, ref.clean_score, ref.corrupt_score
 
 
 def close(got, want, tol=1e-4):
@@ -155,11 +70,6 @@ def close(got, want, tol=1e-4):
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
     assert err <= tol * max(1.0, want.abs().max().item()), f"max error {err}"
-
-
-def all_hooks(module):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in module.modules())
 
 
 SWEEPS = [(site, by) for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -214,14 +124,8 @@ def test_callable_metric_sees_all_pairs():
     got = nnpatch.activation_patching(hf, CLEAN, CORRUPT, metric=top_margin, site="mlp_out", by=("layer",),
                                       progress=False)
     assert set(seen) == {(2, VOCAB)}
-    want = []
-    for layer in range(3):
-        module, kind = place(hf, "mlp_out", layer)
-        logits = []
-        for i in range(2):
-            src = run(hf, CLEAN[i], module, kind)[1]
-            logits.append(run(hf, CORRUPT[i], module, kind, edit=lambda v, src=src: src)[0])
-        want.append(float(top_margin(torch.stack(logits))))
+    want = patching_reference(hf, places(hf), CLEAN, CORRUPT, [[{"layer": layer}] for layer in range(3)],
+                              site="mlp_out", metric=top_margin).values
     close(got.values, want)
 
 
@@ -248,8 +152,8 @@ def test_patch_cells_patches_a_set_together():
     assert got.corrupt_score == pytest.approx(corrupt, abs=1e-5)
     assert got.patched_score == pytest.approx(corrupt + float(want) * (clean - corrupt), abs=1e-4)
     assert got.patched_logits.shape == got.clean_logits.shape == (2, VOCAB)
-    close(got.clean_logits[1], run(hf, CLEAN[1])[0])
-    close(got.corrupt_logits[0], run(hf, CORRUPT[0])[0])
+    close(got.clean_logits[1], last_logits(hf, CLEAN[1]))
+    close(got.corrupt_logits[0], last_logits(hf, CORRUPT[0]))
     heads = patch_cells(hf, CLEAN, CORRUPT, [(1, 3, -1)], site="head_out", by=("layer", "head", "pos"),
                         answer=ANSWER, wrong=WRONG)
     want, _, _ = naive(hf, "head_out", ("layer", "head", "pos"), "denoise",

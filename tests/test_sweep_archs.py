@@ -4,9 +4,9 @@ The fast path (blocks swapped for pass-throughs, runs started mid-prompt from th
 cache, last block trimmed) depends on each architecture's forward; this checks it for all of them.
 """
 import pytest
-import torch
 
 import nnpatch
+from conftest import patching_reference, site_places, sweep_cells
 from test_sites import SEQUENTIAL, PARALLEL, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,58 +16,30 @@ CORRUPT = [[3, 4, 13, 6, 7, 8], [9, 4, 14, 11, 15, 12]]
 ANSWER, WRONG = [20, 21], [22, 23]
 
 
-def naive(model, site_name, by, direction):
-    """Raw logit differences of each cell: one plain forward per cell and pair."""
-    table = nnpatch.sites(model)
-    base, source = (CORRUPT, CLEAN) if direction == "denoise" else (CLEAN, CORRUPT)
+# Where resid_pre, mlp_out and head_out are in each architecture, written out by hand (not read
+# from nnpatch's site table, which is what is under test).
+GPT2 = {"resid_pre": "transformer.h.{i}.input", "mlp_out": "transformer.h.{i}.mlp.output",
+        "head_out": "transformer.h.{i}.attn.c_proj.input"}
+LLAMA = {"resid_pre": "model.layers.{i}.input", "mlp_out": "model.layers.{i}.mlp.output",
+         "head_out": "model.layers.{i}.self_attn.o_proj.input"}
+GEMMA2 = {**LLAMA, "mlp_out": "model.layers.{i}.post_feedforward_layernorm.output"}  # normed before the residual
+NEOX = {"resid_pre": "gpt_neox.layers.{i}.input", "mlp_out": "gpt_neox.layers.{i}.mlp.output",
+        "head_out": "gpt_neox.layers.{i}.attention.dense.input"}
+GPTJ = {"resid_pre": "transformer.h.{i}.input", "mlp_out": "transformer.h.{i}.mlp.output",
+        "head_out": "transformer.h.{i}.attn.out_proj.input"}
+BERT = {"resid_pre": "bert.encoder.layer.{i}.input", "mlp_out": "bert.encoder.layer.{i}.output.dense.output",
+        "head_out": "bert.encoder.layer.{i}.attention.output.dense.input"}
+PATHS = {"gpt2": GPT2, "gpt_neox": NEOX, "gpt_neox_sequential": NEOX, "gptj": GPTJ, "llama": LLAMA,
+         "mistral": LLAMA, "qwen2": LLAMA, "gemma": LLAMA, "gemma2": GEMMA2, "gemma3": GEMMA2, "bert": BERT}
 
-    def forward(ids, site=None, edit=None):
-        store, handle = {}, None
-        if site is not None:
-            module = model.get_submodule(site.path)
-            if site.kind == "input":
-                def pre(m, args):
-                    store["v"] = args[0]
-                    return None if edit is None else (edit(args[0]),) + args[1:]
-                handle = module.register_forward_pre_hook(pre)
-            else:
-                def post(m, args, out):
-                    v = out[0] if isinstance(out, tuple) else out
-                    store["v"] = v
-                    if edit is not None:
-                        return (edit(v),) + out[1:] if isinstance(out, tuple) else edit(v)
-                handle = module.register_forward_hook(post)
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        finally:
-            if handle is not None:
-                handle.remove()
-        return logits, store.get("v")
 
-    n_heads = table.n_heads
-    shape = {"layer": table.n_layers, "head": n_heads, "pos": len(CLEAN[0])}
-    out = torch.zeros([shape[d] for d in by])
-    for index in torch.cartesian_prod(*[torch.arange(shape[d]) for d in by]).reshape(-1, len(by)).tolist():
-        cell = dict(zip(by, index))
-        site = table[site_name][cell["layer"]]
-        total = 0.0
-        for i in range(2):
-            src = forward(source[i], site)[1]
-
-            def edit(v, src=src):
-                v = v.clone()
-                pos = cell.get("pos", slice(None))
-                if "head" in cell:
-                    v.view(*v.shape[:-1], n_heads, -1)[:, pos, cell["head"]] = \
-                        src.view(*src.shape[:-1], n_heads, -1)[:, pos, cell["head"]]
-                else:
-                    v[:, pos] = src[:, pos]
-                return v
-            logits = forward(base[i], site, edit)[0]
-            total += float(logits[ANSWER[i]] - logits[WRONG[i]])
-        out[tuple(index)] = total / 2
-    return out
+def naive(model, name, site, by, direction):
+    """Raw logit differences of each cell: the shared plain-hook reference, one forward per cell and pair."""
+    shape = {"layer": 3, "head": 4, "pos": len(CLEAN[0])}
+    ref = patching_reference(model, site_places(model, PATHS[name], n_layers=3), CLEAN, CORRUPT,
+                             sweep_cells(by, shape), site=site, answer=ANSWER, wrong=WRONG,
+                             metric="logit_diff_raw", direction=direction, n_heads=4)
+    return ref.values.reshape([shape[d] for d in by])
 
 
 @pytest.mark.parametrize("name", SEQUENTIAL + PARALLEL + ["bert"])
@@ -78,6 +50,6 @@ def test_every_architecture_matches_the_loop(name):
         got = nnpatch.activation_patching(model, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG, site=site, by=by,
                                           direction=direction, metric="logit_diff_raw", batch_size=7,
                                           progress=False)
-        want = naive(model, site, by, direction)
+        want = naive(model, name, site, by, direction)
         err = (got.values - want).abs().max().item()
         assert err < 1e-4 * max(1.0, want.abs().max().item()), f"{site} {by} {direction}: max error {err}"

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import nnpatch
-from test_sweep import ANSWER, BUILD, CLEAN, CORRUPT, WRONG, all_hooks, close, place
+from conftest import all_hooks, hook
+from test_sweep import ANSWER, BUILD, CLEAN, CORRUPT, WRONG, close, places
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -12,21 +13,16 @@ def reference(hf, site, by, direction, metric="logit_diff", clean=CLEAN, corrupt
     n_layers, n_heads = hf.config.num_hidden_layers, hf.config.num_attention_heads
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     rows = torch.arange(len(clean))
+    at = places(hf)  # the hand-written site table of test_sweep
 
     def run(prompts, keep_grad):
         store, handles = {}, []
         for layer in range(n_layers):
-            module, kind = place(hf, site, layer)
-
             def keep(x, layer=layer):
                 if keep_grad:
                     x.retain_grad()
                 store[layer] = x
-            if kind == "input":
-                handles.append(module.register_forward_pre_hook(lambda m, a, keep=keep: keep(a[0])))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda m, a, o, keep=keep: keep(o[0] if isinstance(o, tuple) else o)))
+            handles.append(hook(*at[site, layer][:2], keep))
         try:
             logits = hf(torch.tensor(prompts)).logits[:, -1]
         finally:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nnpatch
+from conftest import patching_reference, site_places
 from nnpatch.errors import NNPatchError
 from nnpatch.jupyter.controller import Settings, WorkbenchController
 
@@ -34,68 +35,28 @@ def ran(model):
 
 
 # -- the plain-PyTorch reference -----------------------------------------------------------------
+# The ioi model is a GPT-2: resid_pre is the input of block `layer`; head_out is the input of the
+# attention's output projection, whose last dimension is the heads' outputs side by side; mlp_out
+# is the MLP's output. Written out by hand, not read from nnpatch's site table.
+GPT2 = {"resid_pre": "transformer.h.{i}.input", "head_out": "transformer.h.{i}.attn.c_proj.input",
+        "mlp_out": "transformer.h.{i}.mlp.output"}
+
+
 def reference(model, s: Settings, cells):
-    """Patch `cells` of the clean run into the corrupt run with plain forward pre-hooks.
+    """Patch `cells` of the clean run into the corrupt run with the shared plain-hook reference.
 
-    resid_pre is the input of block `layer`; head_out is the input of the attention's output
-    projection, whose last dimension is the heads' outputs side by side; mlp_out is the MLP's
-    output (patched in a forward hook). Returns the last-position logits of the clean, corrupt and
-    patched runs and their logit differences."""
+    A cell is (layer, position), or (layer, head) for head_out (every position of that head).
+    Returns the last-position logits of the clean, corrupt and patched runs and their logit
+    differences."""
     net, tok = model.module, model.tokenizer
-    n_heads = net.config.n_head
-
-    def site_module(layer):
-        block = net.transformer.h[layer]
-        return {"resid_pre": block, "head_out": block.attn.c_proj, "mlp_out": block.mlp}[s.site]
-
-    def hidden(args, kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    def register(module, hook):
-        if s.site == "mlp_out":  # an output: hook(module, args, kwargs) sees the output as args[0]
-            return module.register_forward_hook(lambda m, args, kwargs, out: hook(m, (out,), {}), with_kwargs=True)
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def run(text, hook=None):
-        ids = torch.tensor([tok(text)["input_ids"]])
-        handles = [register(site_module(layer), hook(layer)) for layer in range(net.config.n_layer)] if hook else []
-        try:
-            with torch.no_grad():
-                return net(ids).logits[0, -1]  # [vocab]
-        finally:
-            for h in reversed(handles):
-                h.remove()
-
-    saved = {}
-
-    def save(layer):
-        def hook(module, args, kwargs):
-            saved[layer] = hidden(args, kwargs).clone()
-        return hook
-
-    def patch(layer):
-        def hook(module, args, kwargs):
-            x = hidden(args, kwargs).clone()  # [batch, pos, d]
-            for cell_layer, i in cells:
-                if cell_layer != layer:
-                    continue
-                if s.site == "head_out":  # every position of head i
-                    d_head = x.shape[-1] // n_heads
-                    x[..., i * d_head:(i + 1) * d_head] = saved[layer][..., i * d_head:(i + 1) * d_head]
-                else:  # position i
-                    x[:, i] = saved[layer][:, i]
-            if s.site == "mlp_out":
-                return x
-            if args:
-                return (x,) + args[1:], kwargs
-            return args, {**kwargs, "hidden_states": x}
-        return hook
-
-    clean, corrupt, patched = run(s.clean, save), run(s.corrupt), run(s.corrupt, patch)
-    a, w = tok(s.answer)["input_ids"][0], tok(s.wrong)["input_ids"][0]
-    diff = {name: float(lg[a] - lg[w]) for name, lg in (("clean", clean), ("corrupt", corrupt), ("patched", patched))}
-    diff["normalized"] = (diff["patched"] - diff["corrupt"]) / (diff["clean"] - diff["corrupt"])
-    return {"clean": clean, "corrupt": corrupt, "patched": patched}, diff
+    axis = "head" if s.site == "head_out" else "pos"
+    ref = patching_reference(net, site_places(net, GPT2), [tok(s.clean)["input_ids"]], [tok(s.corrupt)["input_ids"]],
+                             [[{"layer": layer, axis: i} for layer, i in cells]], site=s.site,
+                             answer=tok(s.answer)["input_ids"][:1], wrong=tok(s.wrong)["input_ids"][:1])
+    logits = {"clean": ref.clean_logits[0], "corrupt": ref.corrupt_logits[0], "patched": ref.patched_logits[0, 0]}
+    diff = {"clean": ref.clean_score, "corrupt": ref.corrupt_score, "patched": float(ref.scores[0]),
+            "normalized": float(ref.values[0])}
+    return logits, diff
 
 
 def assert_close(a, b, tol=TOL):
