@@ -8,7 +8,7 @@ Timed, interleaved round by round so that drift on a shared machine hits every c
     nnpatch     a trace that saves the 12 block outputs
     nnsight     nnsight's LanguageModel doing the same (when nnsight is installed)
 
-Prints median milliseconds and ratios to the raw-hook run, as CPU time of this process (torch runs
+Every contender runs under torch.no_grad(), as an inference-only user would. Prints median milliseconds and ratios to the raw-hook run, as CPU time of this process (torch runs
 on one thread, so other jobs on a shared machine barely move it) and as wall time.
 Run: python benchmarks/overhead.py
 """
@@ -47,7 +47,7 @@ def raw_hooks(hf, ids):
 
 
 def nnpatch_trace(model, ids):
-    with model.trace(ids):
+    with torch.no_grad(), model.trace(ids):
         kept = [block.output.save() for block in model.transformer.h]
     return kept
 
@@ -56,7 +56,7 @@ def nnsight_trace(model, ids):
     # nnsight 0.8 does not make variables assigned in a trace body visible after it inside a
     # function, so this fills a list created outside the trace.
     kept = []
-    with model.trace(ids):
+    with torch.no_grad(), model.trace(ids):
         for block in model.transformer.h:
             kept.append(block.output.save())
     return kept

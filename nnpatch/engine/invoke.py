@@ -76,13 +76,13 @@ class Invoke:
     def resume(self) -> None:
         """Run this invoke until it pauses again, with its own grad mode and autocast state."""
         outer = torch_state()
-        _settorch_state(self.torch_state, outer)
+        _set_torch_state(self.torch_state, outer)
         self.pass_.resumes += 1
         try:
             self.greenlet.switch()
         finally:
             self.torch_state = torch_state()
-            _settorch_state(outer, self.torch_state)
+            _set_torch_state(outer, self.torch_state)
 
     def pause(self, waiting) -> None:
         self.waiting = waiting
@@ -310,7 +310,7 @@ def torch_state() -> tuple:
     return tuple(state)
 
 
-def _settorch_state(state: tuple | None, now: tuple) -> None:
+def _set_torch_state(state: tuple | None, now: tuple) -> None:
     if state is None or state == now:
         return
     if state[0] != now[0]:

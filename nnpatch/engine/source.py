@@ -214,7 +214,7 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: 
     body = [_Rewriter().visit(stmt) for stmt in node.body]
     if owner is not None and owner.strip("_"):
         body = [_Mangler(owner).visit(stmt) for stmt in body]
-    target = node.items[0].optional_vars
+    target = next((item.optional_vars for item in node.items if _is_call_to(item.context_expr, "trace")), None)
     declared = {name for stmt in body for n in _walk_scope(stmt) if isinstance(n, ast.Global) for name in n.names}
     program = TraceProgram(code=None, uses_grad=uses_grad,  # type: ignore[arg-type]
                            target=target.id if isinstance(target, ast.Name) else None,
