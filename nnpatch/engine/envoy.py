@@ -56,6 +56,8 @@ class Envoy:
 
     def __getitem__(self, key):
         module = self._module
+        if isinstance(key, slice):  # `model.transformer.h[1:]`: the envoys of those modules
+            return [self[i] for i in range(len(module))[key]]
         if isinstance(key, int):
             n = len(module)
             index = key + n if key < 0 else key

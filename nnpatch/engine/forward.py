@@ -37,6 +37,7 @@ class ForwardPass:
         own = dict(zip(given, self.batch.rows))
         self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
         self.thread = threading.get_ident()
+        self.many = len(group) > 1
         self.aside_depth = 0  # > 0 while a module is called aside from the trace
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
@@ -150,7 +151,8 @@ class ForwardPass:
             self._drain(self.waiting.pop(event, []))
         finally:
             self.current = None
-        self.flow_versions[event] = _versions(self.fired[event])
+        if self.many:  # only an invoke that waits for another one ever asks (pause_across)
+            self.flow_versions[event] = _versions(self.fired[event])
         return self.fired[event]
 
     def unchanged_since_flow(self, event: Event) -> bool:

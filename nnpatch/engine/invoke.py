@@ -32,6 +32,7 @@ class Invoke:
 
     def __init__(self, tracer, body: InvokeBody, spec, index: int):
         self.tracer, self.body, self.spec, self.index = tracer, body, spec, index
+        self.bound: dict[str, Any] = {}  # trace-level names as they were where the invoke is written
         self.reset()
 
     def reset(self) -> None:
@@ -283,11 +284,14 @@ class InvokeNamespace(dict):
             return helper
         if dict.__contains__(self, name):
             return dict.__getitem__(self, name)
-        producer = self._invoke.producer_of(name)
+        inv = self._invoke
+        producer = inv.producer_of(name)
         if producer is not None:
-            value = producer.wait_for_name(self._invoke, name)
+            value = producer.wait_for_name(inv, name)
             if value is not _MISSING:
                 return value
+        if name in inv.bound:
+            return inv.bound[name]
         return self._outer.lookup(name)
 
     def own(self) -> dict:

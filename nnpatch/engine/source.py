@@ -36,6 +36,7 @@ FINAL = "__nnpatch_final__"
 class InvokeBody:
     code: types.CodeType
     stores: frozenset[str]  # names the body assigns at its own scope
+    reads: frozenset[str] = frozenset()  # names the body (or code nested in it) reads
 
 
 @dataclass
@@ -149,15 +150,12 @@ def _check_running_code(node: ast.With, code: types.CodeType, filename: str) -> 
     body_lines = range(node.body[0].lineno, (node.end_lineno or node.lineno) + 1)
     spans: set[int] = set()
     problem = None
-    nested = {id(n) for stmt in node.body for c in ast.walk(stmt)
-              if isinstance(c, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)) for n in ast.walk(c)}
     for stmt in node.body:
-        for n in _walk_scope(stmt):
-            if id(n) in nested:
-                continue
+        for n in _own_code(stmt):
             if isinstance(n, ast.stmt):
                 spans.update(range(n.lineno, (n.end_lineno or n.lineno) + 1))
-                silent = isinstance(n, (ast.Pass, ast.Global, ast.Nonlocal)) or (
+                silent = isinstance(n, (ast.Pass, ast.Global, ast.Nonlocal, ast.FunctionDef,
+                                        ast.AsyncFunctionDef, ast.ClassDef)) or (
                     isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
                 if not silent and n.lineno not in lines:
                     problem = f"line {n.lineno} has no code in the running program"
@@ -170,6 +168,22 @@ def _check_running_code(node: ast.With, code: types.CodeType, filename: str) -> 
         raise NNPatchError(
             f"{filename} changed since it was loaded ({problem}), so nnpatch cannot read this "
             "trace's body from it: reload the module (importlib.reload) or restart Python")
+
+
+def _own_code(node):
+    """The nodes whose code runs in the enclosing code object: not the bodies of functions,
+    lambdas, classes and comprehensions, which compile to code objects of their own."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(getattr(n, "decorator_list", []))
+            todo.extend(d for d in n.args.defaults + n.args.kw_defaults if d is not None)
+        elif isinstance(n, ast.ClassDef):
+            todo.extend(n.decorator_list + n.bases + [k.value for k in n.keywords])
+        elif not isinstance(n, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            todo.extend(ast.iter_child_nodes(n))
 
 
 def _class_of(code: types.CodeType) -> str | None:
@@ -337,7 +351,9 @@ def _invoke_body(stmts: list[ast.stmt], filename: str) -> InvokeBody:
                 raise NNPatchError(f"{filename}:{n.lineno}: invokes cannot be nested inside invokes")
     module = ast.Module(body=_with_final_marks(stmts), type_ignores=[])
     ast.fix_missing_locations(module)
-    return InvokeBody(code=compile(module, filename, "exec"), stores=frozenset(_stored_names(stmts)))
+    reads = {n.id for stmt in stmts for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return InvokeBody(code=compile(module, filename, "exec"), stores=frozenset(_stored_names(stmts)),
+                      reads=frozenset(reads))
 
 
 def _with_final_marks(stmts: list[ast.stmt]) -> list[ast.stmt]:

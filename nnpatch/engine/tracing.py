@@ -112,7 +112,12 @@ class Tracer:
             spec = InvokeInputs(*self._inputs)
         if not isinstance(spec, InvokeInputs):
             raise NNPatchError("`with x.invoke(...)` inside a trace must call the tracer's invoke()")
-        inv = Invoke(self, program.invokes[index], spec, len(self._invokes))
+        body = program.invokes[index]
+        inv = Invoke(self, body, spec, len(self._invokes))
+        # Trace-level names as they are where the invoke is written (a loop variable, a value
+        # rebound between invokes): the invoke runs later, with the forward pass.
+        outer = self._outer_namespace
+        inv.bound = {n: dict.__getitem__(outer, n) for n in body.reads if dict.__contains__(outer, n)}
         self._pending.append(inv)
         self._invokes.append(inv)
         return inv
