@@ -56,6 +56,7 @@ class BackwardContext:
         self.grads: dict[int, torch.Tensor | None] = {}
         self.derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.edits: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
+        self.given: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (tensor, its .grad, version)
         self.dirty = True
         # Leaves whose .grad this backward accumulates into: once, at once for a plain call and
         # when the block ends for `with value.backward():`.
@@ -80,6 +81,7 @@ class BackwardContext:
         # gradients, and if its code runs again, so does this backward.
         if exc_type is not None and not issubclass(exc_type, Exception):
             return False
+        self.absorb_inplace_edits()
         if self.pending and self.block:
             if self.dirty or self.leaf_grads is None:
                 self._compute(leaves=True)
@@ -148,7 +150,18 @@ class BackwardContext:
             return t.grad
         return g.clone() if t.grad is None else t.grad + g
 
+    def handed(self, t: torch.Tensor, g: torch.Tensor) -> None:
+        """A gradient given to the user: an in-place edit of it (`h.grad[:] = 0`) is an edit."""
+        self.given.append((t, g, g._version))
+
+    def absorb_inplace_edits(self) -> None:
+        edited = [(t, g) for t, g, version in self.given if g._version != version]
+        self.given = [(t, g, g._version) for t, g, _ in self.given]
+        for t, g in edited:
+            self.set_grad(t, g.detach().clone())
+
     def grad(self, t: torch.Tensor):
+        self.absorb_inplace_edits()
         if t.is_leaf:
             return self.leaf_grad(t)
         if self.dirty:
@@ -305,6 +318,7 @@ def get_grad(t):
     g = ctx.grad(t)
     if not t.is_leaf and g is not None:
         t.grad = g
+        ctx.handed(t, g)
     return g
 
 
