@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import NNPatchError
+from .errors import NNPatchError, NNPatchValueError
 from .patching.metrics import REGISTRY
 
 
@@ -75,7 +75,7 @@ def _sweep(args) -> int:
     model = models.load(args.model)
     if args.clean is not None or args.corrupt is not None:
         if args.clean is None or args.corrupt is None:
-            raise NNPatchError("give both --clean and --corrupt, or neither to use the model's task pairs")
+            raise NNPatchValueError("give both --clean and --corrupt, or neither to use the model's task pairs")
         clean, corrupt = args.clean, args.corrupt
     else:
         clean, corrupt = default_pairs(args.model, args.pairs), None

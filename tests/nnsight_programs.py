@@ -1516,10 +1516,7 @@ def attn_weights_read(model, S):
     return {"w0": w0, "w2": w2}
 
 
-@program("gpt2e", "llamae",
-         xfail="nnpatch rejects keyword arguments to trace()/invoke() for a LanguageModel "
-               "(NNPatchError 'a LanguageModel invoke takes exactly one input ... got 1 positional "
-               "and ['output_attentions'] keyword inputs'); nnsight passes them to the model's forward")
+@program("gpt2e", "llamae")
 def attn_weights_output_attentions(model, S):
     with model.trace(S.B, output_attentions=True):
         attentions = S.save(model.output.attentions)
@@ -1550,11 +1547,7 @@ def attn_weights_padded_invoke(model, S):
     return {"wa": wa, "ws": ws}
 
 
-@program("gpt2e", "llamae",
-         xfail="heads == padded sequence length: nnpatch narrows an invoke's view by cutting the "
-               "left padding from dim 1 of any tensor whose dim 1 equals the batch's sequence "
-               "length, so the attention weights (batch, heads, T, T) of a left-padded invoke lose "
-               "heads instead of positions (wrong shape (1, 2, 2, 2), nnsight gives (1, 4, 2, 2))")
+@program("gpt2e", "llamae")
 def attn_weights_heads_equal_tokens_padded(model, S):
     # FOUR has 4 tokens and the models have 4 heads; PAIR is left-padded by 2
     with model.trace() as tracer:
@@ -2533,9 +2526,7 @@ def read_manual_unembedding_with_weights(model, S):
     return {"direct": direct}
 
 
-@program(xfail="keyword inputs to trace() (`model.trace(input_ids=ids)`) fail on nnpatch: NNPatchError "
-               "'a LanguageModel invoke takes exactly one input ... got 0 positional and "
-               "['input_ids'] keyword inputs'; nnsight passes them to the model")
+@program()
 def read_keyword_input_ids(model, S):
     with model.trace(input_ids=S.ids(S.A)):
         logits = model.lm_head.output.save()
@@ -2586,10 +2577,7 @@ def padding_assign_tensor_of_own_length(model, S):
     return {"l": l}
 
 
-@program(xfail="a tokenizer output that is already padded (here on the right) is re-padded by nnpatch on "
-               "the left by its attention mask, so the row's real tokens move: the short row's "
-               "positions 0..2 are pads on nnpatch (wrong value) and its tokens on nnsight, which "
-               "keeps the layout it is given")
+@program()
 def padding_right_padded_tokenizer_output(model, S):
     n = S.len(S.SHORT)
     enc = S.tokenizer([S.SHORT, S.A], padding=True, padding_side="right", return_tensors="pt")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..errors import NNPatchError
+from ..errors import NNPatchValueError
 
 _ROOT = Path(__file__).parent
 
@@ -55,7 +55,7 @@ def path(name: str) -> Path:
     if name not in names:
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"no bundled model named {name!r}; {hint}the bundled models are {names} "
             "(for other models give nnpatch.LanguageModel a local folder or a loaded module)")
     return _ROOT / name

@@ -35,7 +35,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..errors import NNPatchError
+from ..errors import NNPatchIndexError, NNPatchValueError
 
 __all__ = ["PromptPair", "PromptPairs", "ioi", "table_max", "vocabulary"]
 
@@ -98,7 +98,7 @@ def _split_of(key: str) -> str:
 
 def _check_split(split: str) -> None:
     if split not in ("test", "train"):
-        raise NNPatchError(f"split must be 'test' (held out, the default) or 'train', got {split!r}")
+        raise NNPatchValueError(f"split must be 'test' (held out, the default) or 'train', got {split!r}")
 
 
 # -- indirect object identification ------------------------------------------------------------
@@ -163,7 +163,7 @@ def ioi(n: int, seed: int = 0, *, template: int | None = None, split: str = "tes
     """
     _check_split(split)
     if template is not None and not 0 <= template < len(IOI_TEMPLATES):
-        raise NNPatchError(f"template must be an index below {len(IOI_TEMPLATES)}, got {template}")
+        raise NNPatchIndexError(f"template must be an index below {len(IOI_TEMPLATES)}, got {template}")
     rng = random.Random(seed)
     pairs = [_ioi_pair(rng, split, template) for _ in range(n)]
     return _collect(pairs, "ioi")
@@ -224,8 +224,8 @@ def table_max(n: int, seed: int = 0, *, rows: int = 8, split: str = "test") -> P
     """
     _check_split(split)
     if rows not in TABLE_ROWS:
-        raise NNPatchError(f"rows must be between {TABLE_ROWS.start} and {TABLE_ROWS.stop - 1} "
-                           f"(the row counts table-max was trained on), got {rows}")
+        raise NNPatchValueError(f"rows must be between {TABLE_ROWS.start} and {TABLE_ROWS.stop - 1} "
+                                f"(the row counts table-max was trained on), got {rows}")
     rng = random.Random(seed)
     pairs = [_table_pair(rng, split, rows) for _ in range(n)]
     return _collect(pairs, "table-max")
@@ -285,5 +285,5 @@ def vocabulary(model: str) -> list[str]:
         pieces.update(_pieces(TABLE_HEADER + " Answer:"))
         pieces.update(f" {w}" for w in [TABLE_LABEL, *TABLE_LETTERS, *TABLE_VALUES])
     else:
-        raise NNPatchError(f"no task for model {model!r}; the bundled tasks are 'ioi' and 'table-max'")
+        raise NNPatchValueError(f"no task for model {model!r}; the bundled tasks are 'ioi' and 'table-max'")
     return sorted(pieces)

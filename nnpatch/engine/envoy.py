@@ -11,7 +11,7 @@ import difflib
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchAttributeError, NNPatchError, NNPatchIndexError, NNPatchKeyError
 from .hooks import resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
@@ -46,7 +46,7 @@ class Envoy:
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
         where = self._path or "the model"
         hint = f"; did you mean {', '.join(close)}?" if close else f"; it has: {', '.join(names[:12])}"
-        raise AttributeError(f"{where} ({type(module).__name__}) has no module or attribute {name!r}{hint}")
+        raise NNPatchAttributeError(f"{where} ({type(module).__name__}) has no module or attribute {name!r}{hint}")
 
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
         path = f"{self._path}.{name}" if self._path else name
@@ -62,13 +62,13 @@ class Envoy:
             n = len(module)
             index = key + n if key < 0 else key
             if not 0 <= index < n:
-                raise IndexError(f"{self._path or 'model'} has {n} modules; index {key} is out of range")
+                raise NNPatchIndexError(f"{self._path or 'model'} has {n} modules; index {key} is out of range")
             key = str(index)
         if key in self._children:
             return self._children[key]
         sub = module._modules.get(str(key))
         if sub is None:
-            raise KeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
+            raise NNPatchKeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
         return self._child(str(key), sub)
 
     def __call__(self, *args, **kwargs):
@@ -130,7 +130,7 @@ class Envoy:
     def __setattr__(self, name, value):
         inv = self._invoke() if name in _OWN else None
         if inv is not None and self._of is not None and self._of is not inv:
-            raise NNPatchError(
+            raise NNPatchAttributeError(
                 f"{self._path or 'model'}.{name} of another invoke is read-only here; set it on "
                 "the model inside that invoke, or copy its value into this invoke's module")
         if name == "output":
@@ -143,7 +143,7 @@ class Envoy:
         elif name == "inputs":
             inv.set_value((self._path, "input"), value)
         else:
-            raise AttributeError(
+            raise NNPatchAttributeError(
                 f"cannot set {name!r} on {self._path or 'the model'}: only .output, .input and "
                 ".inputs can be set (to change the module itself, use its torch.nn.Module)")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchTypeError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
@@ -29,7 +29,7 @@ class ForwardPass:
         # A promptless invoke (`tracer.invoke()`) acts on every row of the batch.
         given = [inv for inv in invokes if inv.spec.args or inv.spec.kwargs]
         if not given:
-            raise NNPatchError("every invoke of this forward pass is promptless (`tracer.invoke()`); "
+            raise NNPatchTypeError("every invoke of this forward pass is promptless (`tracer.invoke()`); "
                                "a promptless invoke acts on the other invokes' rows, so give at "
                                "least one invoke inputs")
         self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in given])
@@ -257,7 +257,7 @@ def _copy_into(current, new, where: str) -> None:
         except RuntimeError:
             ok = False
         if not ok:
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"cannot set {where}: it has shape {tuple(current.shape)} in this invoke, the new "
                 f"value has shape {tuple(new.shape)}; give a tensor of shape {tuple(current.shape)} "
                 "(or one that broadcasts to it)")
@@ -265,7 +265,7 @@ def _copy_into(current, new, where: str) -> None:
         return
     if isinstance(current, (tuple, list)):
         if not isinstance(new, (tuple, list)) or len(new) != len(current):
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"cannot set {where}: it is a {type(current).__name__} of {len(current)} values; "
                 f"assign one of the same length, or edit an element in place "
                 f"(e.g. {where}[0][:] = value)")
@@ -279,7 +279,7 @@ def _copy_into(current, new, where: str) -> None:
                 _copy_into(current[k], new[k], where)
         return
     if current is not new and current != new:
-        raise NNPatchError(f"cannot set {where}: only tensor values can be replaced")
+        raise NNPatchTypeError(f"cannot set {where}: only tensor values can be replaced")
 
 
 def _restore(view, content) -> None:

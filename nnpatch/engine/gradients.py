@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchValueError
 from .batching import map_tensors
 from .invoke import current_invoke
 
@@ -191,7 +191,7 @@ class BackwardContext:
         if not isinstance(g, torch.Tensor):
             g = torch.as_tensor(g, dtype=t.dtype, device=t.device)
         if g.shape != t.shape:
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"cannot set .grad: the tensor has shape {tuple(t.shape)}, the new gradient "
                 f"{tuple(g.shape)}; give a gradient of the tensor's shape")
         if base is None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchAttributeError
 
 # kind: "input" registers a forward pre-hook fn(module, args, kwargs) -> None | (args, kwargs);
 #       "output" registers a forward hook fn(module, args, kwargs, output) -> None | output.
@@ -33,7 +33,7 @@ def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
             names = [n for n, _ in root.named_modules() if n]
             close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
             hint = f"; closest: {', '.join(close)}" if close else ""
-            raise NNPatchError(f"the model has no module {path!r}{hint}")
+            raise NNPatchAttributeError(f"the model has no module {path!r}{hint}")
         module = children[part]
     return module
 

@@ -20,7 +20,7 @@ from typing import Any
 import greenlet
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .source import InvokeBody
 
@@ -235,7 +235,7 @@ class Barrier:
 
     def __init__(self, n: int):
         if not isinstance(n, int) or n < 1:
-            raise NNPatchError(f"tracer.barrier(n) takes the number of invokes that meet there, got {n!r}")
+            raise NNPatchValueError(f"tracer.barrier(n) takes the number of invokes that meet there, got {n!r}")
         self.n = n
         self.arrived: list[Invoke] = []
         self.waiting: list[Invoke] = []

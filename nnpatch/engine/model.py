@@ -13,15 +13,18 @@ Example:
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from typing import Any
 
 import torch
 
 from .. import bundled
-from ..errors import NNPatchError
+from ..errors import NNPatchTypeError, NNPatchValueError
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
 from .envoy import Envoy
-from .inputs import input_device, invoke_rows, token_rows
+from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
 from .tracing import Tracer
 
 
@@ -30,15 +33,91 @@ class Model(Envoy):
 
     def __init__(self, module: torch.nn.Module):
         if not isinstance(module, torch.nn.Module):
-            raise NNPatchError(f"Model() wraps a torch.nn.Module, got {type(module).__name__}")
+            raise NNPatchTypeError(f"Model() wraps a torch.nn.Module, got {type(module).__name__}")
+        # A torch.compile'd model: traces run the module it compiled (hooks and interventions do
+        # not compose with a compiled graph), so paths are the model's own, without `_orig_mod`.
+        original = getattr(module, "_orig_mod", None)
+        if isinstance(original, torch.nn.Module) and type(module).__name__ == "OptimizedModule":
+            module = original
         super().__init__(module, "", self)
         object.__setattr__(self, "_accepts", forward_parameters(module))
-        object.__setattr__(self, "_event_order", None)
 
     @property
     def module(self) -> torch.nn.Module:
         """The wrapped torch module (call it, move it, read its config)."""
         return self._module
+
+    # -- the wrapped module, nnsight-style: these act on it and return the wrapper ------------
+    def to(self, *args, **kwargs) -> "Model":
+        """Move or cast the wrapped module (as `torch.nn.Module.to`); returns this wrapper."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cuda(self, device=None) -> "Model":
+        """Move the wrapped module to a CUDA device; returns this wrapper."""
+        self._module.cuda(device)
+        return self
+
+    def cpu(self) -> "Model":
+        """Move the wrapped module to the CPU; returns this wrapper."""
+        self._module.cpu()
+        return self
+
+    def half(self) -> "Model":
+        """Cast the wrapped module's floating-point parameters to float16; returns this wrapper."""
+        self._module.half()
+        return self
+
+    def float(self) -> "Model":
+        """Cast the wrapped module's floating-point parameters to float32; returns this wrapper."""
+        self._module.float()
+        return self
+
+    def double(self) -> "Model":
+        """Cast the wrapped module's floating-point parameters to float64; returns this wrapper."""
+        self._module.double()
+        return self
+
+    def bfloat16(self) -> "Model":
+        """Cast the wrapped module's floating-point parameters to bfloat16; returns this wrapper."""
+        self._module.bfloat16()
+        return self
+
+    def eval(self) -> "Model":
+        """Put the wrapped module in evaluation mode (no dropout); returns this wrapper."""
+        self._module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "Model":
+        """Put the wrapped module in training mode (or evaluation mode with False); returns
+        this wrapper."""
+        self._module.train(mode)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Model":
+        """Set requires_grad of the wrapped module's parameters; returns this wrapper."""
+        self._module.requires_grad_(requires_grad)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go: its input embedding's device, else its first parameter's."""
+        return input_device(self._module)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point weights: its input embedding's, else its first
+        floating-point parameter's (torch's default dtype for a module with none)."""
+        try:
+            weight = self._module.get_input_embeddings().weight
+            if weight.is_floating_point():
+                return weight.dtype
+        except (AttributeError, NotImplementedError):
+            pass
+        for p in self._module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
 
     # -- entry points -------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any):
@@ -83,9 +162,13 @@ class LanguageModel(Model):
 
     `name_or_path_or_module` is a loaded model, a local folder, a bundled model name
     (see `nnpatch.models.available()`), or a hub id (loaded with `from_pretrained`).
-    Invoke inputs may be a prompt, a list of prompts, token ids (list or tensor), or a
-    tokenizer output; prompts of different lengths are left-padded so that position -1 is
-    every prompt's last token.
+    Invoke inputs may be a prompt, a list of prompts, token ids (list or integer tensor), a
+    tokenizer output, or `input_ids=...` with an optional `attention_mask=...` (zeros mark
+    padding, on either side). Prompts of different lengths are left-padded so that position -1
+    is every prompt's last token; token ids given with a mask keep their own layout, so a
+    right-padded row's tokens stay where they were given. A prompt longer than the model's
+    context, a token id outside its vocabulary, float or 3-D ids, an empty prompt, and words the
+    tokenizer does not know are errors that name them, raised before the model runs.
     """
 
     def __init__(self, name_or_path_or_module, tokenizer=None, **from_pretrained_kwargs):
@@ -99,15 +182,22 @@ class LanguageModel(Model):
         object.__setattr__(self, "tokenizer", tokenizer)
 
     def _prepare(self, invokes):
-        rows = []
-        for args, kwargs in invokes:
-            if kwargs or len(args) != 1:
-                raise NNPatchError(
-                    "a LanguageModel invoke takes exactly one input (a prompt, a list of prompts, "
-                    f"token ids or a tokenizer output), got {len(args)} positional and "
-                    f"{sorted(kwargs)} keyword inputs")
-            rows.append(invoke_rows(self.tokenizer, args[0]))
-        return batch_prompts(self.tokenizer, rows, self._pad_id(), self._accepts)
+        """One forward call for the invokes' prompts; each invoke's input is checked against the
+        model's vocabulary and context before anything runs."""
+        pad_id = self._pad_id()
+        vocab_size, context = model_limits(self._module)
+        blocks, options = [], _forward_options(invokes, self._module)
+        for i, (args, kwargs) in enumerate(invokes):
+            kwargs = {k: v for k, v in kwargs.items() if k in _PROMPT_KEYWORDS}
+            value, mask = _prompt_arguments(args, kwargs)
+            where = f" (invoke {i} of {len(invokes)} in this forward pass)" if len(invokes) > 1 else ""
+            block = invoke_rows(self.tokenizer, value, mask, pad_id=pad_id)
+            check_prompts(block, vocab_size=vocab_size, context=context, where=where)
+            blocks.append(block)
+        batch = batch_prompts(blocks, pad_id, self._accepts, avoid=model_sizes(self._module),
+                              limit=None if context is None else context[0])
+        batch.kwargs.update(options)
+        return batch
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -118,13 +208,86 @@ class LanguageModel(Model):
         return 0
 
     def to_tokens(self, prompt) -> list[int]:
-        """The token ids of one prompt, as an invoke would see them."""
-        return token_rows(self.tokenizer, prompt)[0]
+        """The token ids of one prompt, as an invoke would see them. A word the tokenizer does
+        not know comes out as its unknown token here (a trace on such a prompt is an error)."""
+        return token_rows(self.tokenizer, prompt, unknown_words="keep")[0]
 
     def to_str_tokens(self, prompt) -> list[str]:
         """One string per token of the prompt (for labels)."""
         ids = prompt if isinstance(prompt, list) and all(isinstance(i, int) for i in prompt) else self.to_tokens(prompt)
         return [self.tokenizer.decode([i]) for i in ids]
+
+
+_PROMPT_KEYWORDS = ("input_ids", "attention_mask")
+
+
+def _forward_options(invokes, module: torch.nn.Module) -> dict:
+    """Keyword arguments other than the prompt (`output_attentions=True`) go to the model's
+    forward; the invokes of one forward pass must agree on them."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+        accepts = {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):  # **kwargs: the ones HF documents
+            accepts |= _documented_kwargs()
+    except (TypeError, ValueError):
+        accepts = set()
+    options: dict = {}
+    for i, (_, kwargs) in enumerate(invokes):
+        for key, value in kwargs.items():
+            if key in _PROMPT_KEYWORDS:
+                continue
+            if accepts and key not in accepts:
+                close = difflib.get_close_matches(key, sorted(accepts), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise NNPatchTypeError(
+                    f"the keyword {key!r} is neither a prompt keyword ({', '.join(_PROMPT_KEYWORDS)}) nor "
+                    f"an argument of the model's forward; {hint}it takes {', '.join(sorted(accepts))}")
+            if key in options and not _same(options[key], value):
+                raise NNPatchValueError(
+                    f"the invokes of one forward pass give different {key}= ({options[key]!r} and "
+                    f"{value!r}); forward arguments apply to the whole batch, so give them once, to trace()")
+            options[key] = value
+    return options
+
+
+def _documented_kwargs() -> set[str]:
+    """The keyword arguments a Hugging Face forward takes through **kwargs."""
+    names = {"output_attentions", "output_hidden_states", "return_dict"}
+    try:
+        from transformers.utils import TransformersKwargs
+        names |= set(TransformersKwargs.__annotations__)
+    except ImportError:
+        pass
+    return names
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a is b or a == b
+
+
+def _prompt_arguments(args: tuple, kwargs: dict):
+    """(prompt, attention mask or None) of one LanguageModel invoke's arguments: one positional
+    input (a prompt, a list of prompts, token ids or a tokenizer output) or input_ids=, and
+    optionally attention_mask= with token ids."""
+    extra = sorted(set(kwargs) - set(_PROMPT_KEYWORDS))
+    if extra:
+        raise NNPatchTypeError(
+            f"a LanguageModel invoke got unexpected keyword inputs {extra}; it takes one prompt (a "
+            "string, a list of strings, token ids or a tokenizer output), or input_ids=... with "
+            "an optional attention_mask=...")
+    if len(args) > 1 or (args and "input_ids" in kwargs):
+        raise NNPatchTypeError(
+            f"a LanguageModel invoke takes exactly one input (a prompt, a list of prompts, token ids "
+            f"or a tokenizer output), got {len(args)} positional inputs"
+            + (" and input_ids=" if "input_ids" in kwargs else "")
+            + "; put several prompts in one list, or give each its own invoke")
+    if not args and "input_ids" not in kwargs:
+        raise NNPatchTypeError(
+            "a LanguageModel invoke needs an input: a prompt, a list of prompts, token ids or a "
+            f"tokenizer output, or input_ids=...; got {sorted(kwargs) or 'nothing'}")
+    return (args[0] if args else kwargs["input_ids"]), kwargs.get("attention_mask")
 
 
 def _tokenizer_beside(module):
@@ -152,7 +315,7 @@ def _load(name: str, tokenizer, kwargs):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"could not load {name!r} with from_pretrained ({str(e).strip().splitlines()[0]}). "
             "If this machine has no network, give a local folder that holds config.json and the "
             "weights, or a loaded module, or one of the bundled models "

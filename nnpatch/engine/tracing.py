@@ -20,7 +20,7 @@ import sys
 import types
 from typing import Any
 
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchTypeError
 from . import gradients, source, tracebacks
 from .forward import ForwardPass
 from .hooks import exclusive
@@ -59,7 +59,7 @@ class Tracer:
         try:
             self._program = source.trace_program(frame, implicit_invoke=self._inputs is not None)
         except NNPatchError as e:
-            raise NNPatchError(str(e)) from None
+            raise type(e)(str(e)) from None
         self._previous_tracer = source.skip_body(frame)
         return self
 
@@ -111,7 +111,7 @@ class Tracer:
         if spec is None:
             spec = InvokeInputs(*self._inputs)
         if not isinstance(spec, InvokeInputs):
-            raise NNPatchError("`with x.invoke(...)` inside a trace must call the tracer's invoke()")
+            raise NNPatchTypeError("`with x.invoke(...)` inside a trace must call the tracer's invoke()")
         body = program.invokes[index]
         inv = Invoke(self, body, spec, len(self._invokes))
         # Trace-level names as they are where the invoke is written (a loop variable, a value

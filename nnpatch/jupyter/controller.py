@@ -28,7 +28,7 @@ import torch
 from .. import bundled
 from ..engine import LanguageModel
 from ..engine.inputs import input_device, token_id
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from ..patching import METRICS, activation_patching, patch_cells
 from ..patching.pairs import pair_dicts
 from ..patching.sites import sites
@@ -161,7 +161,7 @@ class WorkbenchController:
         """The cell behind heatmap point (row, col) of `figure()`, checked against the result."""
         shape = tuple(self._result().values.shape)
         if not (0 <= row < shape[0] and 0 <= col < shape[1]):
-            raise NNPatchError(f"cell ({row}, {col}) is outside the heatmap's {shape[0]} x {shape[1]} cells")
+            raise NNPatchIndexError(f"cell ({row}, {col}) is outside the heatmap's {shape[0]} x {shape[1]} cells")
         return (int(row), int(col))
 
     # -- cells ----------------------------------------------------------------------------------
@@ -226,24 +226,24 @@ class WorkbenchController:
     # -- the steps behind the public methods ----------------------------------------------------
     def _check(self, s: Settings) -> None:
         if s.by not in GRANULARITIES.values():
-            raise NNPatchError(f"granularity must be one of {list(GRANULARITIES.values())}, got {s.by}")
+            raise NNPatchValueError(f"granularity must be one of {list(GRANULARITIES.values())}, got {s.by}")
         names = self.site_names(s.by)
         if s.site not in names:
             close = difflib.get_close_matches(s.site, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise NNPatchError(f"site {s.site!r} cannot be swept by {' × '.join(s.by)}{hint}; "
-                               f"this model's sites for it are {names}")
+            raise NNPatchValueError(f"site {s.site!r} cannot be swept by {' × '.join(s.by)}{hint}; "
+                                    f"this model's sites for it are {names}")
         problem = _prompt_problem(s.clean, s.corrupt, self.tokens(s.clean), self.tokens(s.corrupt))
         if problem:
-            raise NNPatchError(problem)
+            raise NNPatchValueError(problem)
         same = self._token_id("answer", s.answer) == self._token_id("wrong token", s.wrong)
         if same and s.metric.startswith("logit_diff"):
-            raise NNPatchError(f"the answer and the wrong token are both {s.answer!r}: the metric "
-                               "compares the two, so pick a different wrong token")
+            raise NNPatchValueError(f"the answer and the wrong token are both {s.answer!r}: the metric "
+                                    "compares the two, so pick a different wrong token")
 
     def _token_id(self, role: str, text: str) -> int:
         if not text:
-            raise NNPatchError(f"the {role} is empty: pick one of the suggested tokens or type one")
+            raise NNPatchValueError(f"the {role} is empty: pick one of the suggested tokens or type one")
         return token_id(self.model.tokenizer, text, what=f"the {role}")
 
     def _patch(self, cells: list[Cell]) -> Outcome:
@@ -314,8 +314,8 @@ def _as_language_model(model) -> LanguageModel:
         return model
     if isinstance(model, (str, os.PathLike, torch.nn.Module)):
         return _as_language_model(LanguageModel(model))
-    raise NNPatchError(f"Workbench(model) takes an nnpatch.LanguageModel, a Hugging Face model or a "
-                       f"local folder, got {type(model).__name__}")
+    raise NNPatchTypeError(f"Workbench(model) takes an nnpatch.LanguageModel, a Hugging Face model or a "
+                           f"local folder, got {type(model).__name__}")
 
 
 def _prompt_problem(clean: str, corrupt: str, a: list[Token], b: list[Token]) -> str | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..errors import NNPatchError
+from ..errors import NNPatchValueError
 
 if TYPE_CHECKING:  # a result draws itself with plot() below, so this import is for types only
     from ..patching.result import PatchingResult
@@ -59,10 +59,10 @@ def compare(results: Sequence[PatchingResult], *, titles: Sequence[str] | None =
         (-1.2999999523162842, 1.2999999523162842)
     """
     if not results:
-        raise NNPatchError("compare() needs at least one result")
+        raise NNPatchValueError("compare() needs at least one result")
     titles = list(titles) if titles is not None else [_title(r, short=True) for r in results]
     if len(titles) != len(results):
-        raise NNPatchError(f"{len(titles)} titles for {len(results)} results")
+        raise NNPatchValueError(f"{len(titles)} titles for {len(results)} results")
     fig = make_subplots(rows=1, cols=len(results), subplot_titles=titles, horizontal_spacing=0.06)
     limit = _limit(results)
     grids = [_Grid(r) for r in results]
@@ -86,7 +86,7 @@ def scatter(attribution: PatchingResult, activation: PatchingResult, *, title: s
         ...                       nnpatch.activation_patching(model, pairs, site="attn_out", progress=False))
     """
     if attribution.values.shape != activation.values.shape or attribution.dims != activation.dims:
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"scatter() compares the same cells: attribution is {attribution.dims} "
             f"{tuple(attribution.values.shape)} but activation is {activation.dims} "
             f"{tuple(activation.values.shape)}; run both with the same site, by and layers")
@@ -151,7 +151,7 @@ class _Grid:
                            for j in range(v.shape[2])] for i in range(n_layers) for h in range(n_heads)]
             self.col_title, self.row_title = "pos", "layer, head"
         else:
-            raise NNPatchError(f"cannot draw a result with dims {dims}")
+            raise NNPatchValueError(f"cannot draw a result with dims {dims}")
 
     def trace(self, **kwargs) -> go.Heatmap:
         return go.Heatmap(z=self.z, x=list(range(len(self.col_ticks))), y=list(range(len(self.row_ticks))),

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Model
-from ..engine.inputs import input_device, token_ids, token_rows
-from ..errors import NNPatchError
+from ..engine.inputs import check_prompts, input_device, model_limits, Prompts, token_ids, token_rows
+from ..errors import NNPatchError, NNPatchAttributeError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from .metrics import SweepMetric
 from .pairs import unpack
 from .result import PatchingResult
@@ -75,7 +75,7 @@ class Job:
     def __init__(self, model, clean, corrupt, answer, wrong, metric, site, by, direction, layers):
         self.module = model.module if isinstance(model, Model) else model
         if not isinstance(self.module, torch.nn.Module):
-            raise NNPatchError(f"patching needs an nnpatch model or a torch module, got {type(model).__name__}")
+            raise NNPatchTypeError(f"patching needs an nnpatch model or a torch module, got {type(model).__name__}")
         if self.module.training:
             warnings.warn("the model is in training mode, so dropout makes every run different; "
                           "call .eval() on it before patching", stacklevel=3)
@@ -84,8 +84,8 @@ class Job:
                            or type(self.module).__name__)
         self.device = input_device(self.module)
         if direction not in ("denoise", "noise"):
-            raise NNPatchError(f"direction must be 'denoise' (clean into corrupt) or 'noise' "
-                               f"(corrupt into clean), got {direction!r}")
+            raise NNPatchValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise' "
+                                    f"(corrupt into clean), got {direction!r}")
         self.direction = direction
 
         self.table: Sites = standard_sites(self.module)
@@ -100,14 +100,14 @@ class Job:
         self.n_pairs = len(self.clean_ids)
         for i, (c, k) in enumerate(zip(self.clean_ids, self.corrupt_ids)):
             if len(c) != len(k):
-                raise NNPatchError(
+                raise NNPatchValueError(
                     f"clean prompt {i} is {len(c)} tokens long but corrupt prompt {i} is {len(k)} tokens "
                     f"long; patching needs the two to line up token for token (clean: "
                     f"{self._str_tokens(c)}, corrupt: {self._str_tokens(k)}). Reword the corrupt "
                     "prompt so that it tokenizes to the same length")
         lengths = sorted({len(c) for c in self.clean_ids})
         if "pos" in self.by and len(lengths) > 1:
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"by={self.by} needs every prompt pair to have the same number of tokens, but the pairs "
                 f"have {lengths} tokens; sweep each length separately, or use by=('layer',) / "
                 "('layer', 'head'), which averages pairs of any lengths")
@@ -129,9 +129,12 @@ class Job:
         try:
             rows = token_rows(self.tokenizer, prompt)
         except NNPatchError as e:
-            raise NNPatchError(f"{which} prompt {i}: {e}") from None
+            raise type(e)(f"{which} prompt {i}: {e}") from None
         if len(rows) != 1:
-            raise NNPatchError(f"{which} prompt {i} holds {len(rows)} prompts; give one prompt per pair")
+            raise NNPatchValueError(f"{which} prompt {i} holds {len(rows)} prompts; give one prompt per pair")
+        vocab, context = model_limits(self.module)
+        check_prompts(Prompts(torch.tensor(rows, dtype=torch.long)), vocab_size=vocab, context=context,
+                      where=f" ({which} prompt {i})")
         return rows[0]
 
     def _ids(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -161,14 +164,14 @@ class Job:
     def patch_of(self, cell) -> Patch:
         cell = tuple(cell) if isinstance(cell, (tuple, list)) else (cell,)
         if len(cell) != len(self.by):
-            raise NNPatchError(f"cell {cell} does not match by={self.by}; give one index per dim, "
-                               f"e.g. {tuple(0 for _ in self.by)}")
+            raise NNPatchValueError(f"cell {cell} does not match by={self.by}; give one index per dim, "
+                                    f"e.g. {tuple(0 for _ in self.by)}")
         named = dict(zip(self.by, (int(c) for c in cell)))
         sizes = {"layer": self.table.n_layers, "head": self.sites[0].heads, "pos": self.seq_len}
         for dim, i in named.items():
             if not -sizes[dim] <= i < sizes[dim]:
-                raise NNPatchError(f"cell {cell}: {dim} {i} is out of range; the model has "
-                                   f"{sizes[dim]} {dim}s (0..{sizes[dim] - 1})")
+                raise NNPatchIndexError(f"cell {cell}: {dim} {i} is out of range; the model has "
+                                        f"{sizes[dim]} {dim}s (0..{sizes[dim] - 1})")
             named[dim] = i % sizes[dim]
         return Patch(named["layer"], named.get("pos"), named.get("head"))
 
@@ -189,7 +192,7 @@ class Job:
         clean = float(self.metric.aggregate_logits(clean_logits))
         corrupt = float(self.metric.aggregate_logits(self.run_logits("corrupt", runners)))
         if self.metric.normalized and abs(clean - corrupt) < 1e-9:
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"the clean and corrupt runs have the same logit difference ({clean:.6g}), so the "
                 "normalised logit difference is undefined; check answer/wrong, or use "
                 "metric='logit_diff_raw'")
@@ -225,9 +228,9 @@ def _check_by(by, site: str, first: Site) -> tuple[str, ...]:
         by = tuple(part.strip() for part in by.split(",") if part.strip())
     by = tuple(by)
     if by not in BY:
-        raise NNPatchError(f"by={by} is not a sweep shape; choose one of {', '.join(map(str, BY))}")
+        raise NNPatchValueError(f"by={by} is not a sweep shape; choose one of {', '.join(map(str, BY))}")
     if "head" in by and not first.heads:
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"by={by} splits the site into attention heads, but site {site!r} ({first}) has no heads; "
             "use site='head_out' (each head's output before the attention output projection)")
     return by
@@ -239,7 +242,7 @@ def _check_layers(layers, n_layers: int) -> list[int]:
     out = []
     for layer in layers:
         if not -n_layers <= int(layer) < n_layers:
-            raise NNPatchError(f"layer {layer} is out of range; the model has {n_layers} layers")
+            raise NNPatchIndexError(f"layer {layer} is out of range; the model has {n_layers} layers")
         out.append(int(layer) % n_layers)
     return out
 
@@ -248,7 +251,7 @@ def _vocab_size(module: torch.nn.Module) -> int:
     config = getattr(module, "config", None)
     size = getattr(config, "vocab_size", None)
     if size is None:
-        raise NNPatchError(f"{type(module).__name__} has no config.vocab_size; sweeps read next-token logits")
+        raise NNPatchAttributeError(f"{type(module).__name__} has no config.vocab_size; sweeps read next-token logits")
     return int(size)
 
 

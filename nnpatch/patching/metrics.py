@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchTypeError, NNPatchValueError
 
 # row(logits [rows, vocab], answer [rows] | None, wrong [rows] | None, clean_logprobs [rows, vocab] | None) -> [rows]
 RowScore = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -71,8 +71,8 @@ def get(name: str) -> Metric:
         return REGISTRY[name]
     close = difflib.get_close_matches(str(name), METRICS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise NNPatchError(f"metric {name!r} is unknown; {hint}choose one of {', '.join(METRICS)} "
-                       "or pass a function of the last-position logits [n_prompts, vocab]")
+    raise NNPatchValueError(f"metric {name!r} is unknown; {hint}choose one of {', '.join(METRICS)} "
+                            "or pass a function of the last-position logits [n_prompts, vocab]")
 
 
 def score(logits: torch.Tensor, metric="logit_diff", answer=None, wrong=None,
@@ -96,10 +96,10 @@ def score(logits: torch.Tensor, metric="logit_diff", answer=None, wrong=None,
     tokens = {"answer": answer, "wrong": wrong}
     for what in m.needs:
         if tokens[what] is None:
-            raise NNPatchError(f"metric {m.name!r} needs {what}=... (a token id, or one per prompt)")
+            raise NNPatchTypeError(f"metric {m.name!r} needs {what}=... (a token id, or one per prompt)")
         tokens[what] = torch.as_tensor(tokens[what], device=logits.device).reshape(-1).expand(len(logits))
     if m.needs_clean and clean_logits is None:
-        raise NNPatchError(f'metric "{m.name}" needs clean_logits=... (the clean run\'s last-position logits)')
+        raise NNPatchTypeError(f'metric "{m.name}" needs clean_logits=... (the clean run\'s last-position logits)')
     clean_logprobs = None if clean_logits is None else clean_logits.float().log_softmax(-1)
     return float(m.row(logits, tokens["answer"], tokens["wrong"], clean_logprobs).mean())
 
@@ -129,8 +129,8 @@ class SweepMetric:
             self.name, self.normalized = self.spec.name, self.spec.normalized
             for what in self.spec.needs:
                 if getattr(job, what) is None:
-                    raise NNPatchError(f"metric {self.name!r} needs {what}=... (a single token, or one "
-                                       "per pair), or task pairs that carry answers")
+                    raise NNPatchTypeError(f"metric {self.name!r} needs {what}=... (a single token, or one "
+                                           "per pair), or task pairs that carry answers")
         self.mode = "diff" if self.spec is not None and self.spec.two_logits else "logits"
         self.job = job
         self.clean_logprobs: torch.Tensor | None = None  # [n_pairs, vocab], for metrics that need it

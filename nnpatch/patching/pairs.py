@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..bundled import tasks
-from ..errors import NNPatchError
+from ..errors import NNPatchTypeError, NNPatchValueError
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
 
@@ -32,8 +32,8 @@ def default_pairs(model_name: str, n: int = 8):
     """The task pairs bundled model `model_name` is swept on by default."""
     make = _DEFAULTS.get(model_name.replace("_", "-"))
     if make is None:
-        raise NNPatchError(f"model {model_name!r} has no default prompt pairs; give clean and corrupt "
-                           f"prompts (models with defaults: {', '.join(sorted(_DEFAULTS))})")
+        raise NNPatchValueError(f"model {model_name!r} has no default prompt pairs; give clean and corrupt "
+                                f"prompts (models with defaults: {', '.join(sorted(_DEFAULTS))})")
     return make(n)
 
 
@@ -52,14 +52,14 @@ def unpack(clean, corrupt=None, answer=None, wrong=None):
     """Clean and corrupt prompts as two lists of equal length, and the answer / wrong tokens."""
     clean, corrupt, answer, wrong = from_task_pairs(clean, corrupt, answer, wrong)
     if corrupt is None:
-        raise NNPatchError("patching needs corrupt prompts: pass corrupt=..., or task pairs (an object "
-                           "with clean, corrupt, answer and wrong lists, e.g. nnpatch.tasks.ioi(8))")
+        raise NNPatchTypeError("patching needs corrupt prompts: pass corrupt=..., or task pairs (an object "
+                               "with clean, corrupt, answer and wrong lists, e.g. nnpatch.tasks.ioi(8))")
     clean, corrupt = as_list(clean), as_list(corrupt)
     if len(clean) != len(corrupt):
-        raise NNPatchError(f"{len(clean)} clean prompts but {len(corrupt)} corrupt prompts; give one "
-                           "corrupt prompt per clean prompt")
+        raise NNPatchValueError(f"{len(clean)} clean prompts but {len(corrupt)} corrupt prompts; give one "
+                                "corrupt prompt per clean prompt")
     if not clean:
-        raise NNPatchError("no prompts given")
+        raise NNPatchValueError("no prompts given")
     return clean, corrupt, answer, wrong
 
 
@@ -88,7 +88,7 @@ def pair_dicts(pairs) -> list[dict]:
         else:
             fields = {k: getattr(p, k, None) for k in FIELDS}
         if not isinstance(fields.get("clean"), str) or not isinstance(fields.get("corrupt"), str):
-            raise NNPatchError(f"pair {i} has no clean and corrupt prompt: give pairs as nnpatch.tasks "
-                               "pairs, dicts, or (clean, corrupt[, answer, wrong]) tuples")
+            raise NNPatchValueError(f"pair {i} has no clean and corrupt prompt: give pairs as nnpatch.tasks "
+                                    "pairs, dicts, or (clean, corrupt[, answer, wrong]) tuples")
         out.append({k: fields.get(k) or "" for k in FIELDS})
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NNPatchError
+from ..errors import NNPatchValueError
 
 _FORMAT = "nnpatch.PatchingResult/1"
 
@@ -55,14 +55,14 @@ class PatchingResult:
         self.values = torch.as_tensor(self.values).detach().float().cpu()
         self.dims = tuple(self.dims)
         if self.values.dim() != len(self.dims):
-            raise NNPatchError(f"values of shape {tuple(self.values.shape)} need {self.values.dim()} "
-                               f"dims, got dims={self.dims}")
+            raise NNPatchValueError(f"values of shape {tuple(self.values.shape)} need {self.values.dim()} "
+                                    f"dims, got dims={self.dims}")
         for axis, dim in enumerate(self.dims):
             labels = self.labels.get(dim)
             if labels is None:
                 self.labels[dim] = [str(i) for i in range(self.values.shape[axis])]
             elif len(labels) != self.values.shape[axis]:
-                raise NNPatchError(f"{len(labels)} labels for dim {dim!r} of size {self.values.shape[axis]}")
+                raise NNPatchValueError(f"{len(labels)} labels for dim {dim!r} of size {self.values.shape[axis]}")
         if not self.layers and "layer" in self.dims:
             self.layers = list(range(self.values.shape[self.dims.index("layer")]))
 
@@ -109,11 +109,11 @@ class PatchingResult:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             if "nnpatch" not in header or "values" not in f.keys():
-                raise NNPatchError(f"{path} is not a PatchingResult file (no nnpatch header); "
-                                   "write one with PatchingResult.save")
+                raise NNPatchValueError(f"{path} is not a PatchingResult file (no nnpatch header); "
+                                        "write one with PatchingResult.save")
             values = f.get_tensor("values")
         meta = json.loads(header["nnpatch"])
         if meta.pop("format", None) != _FORMAT:
-            raise NNPatchError(f"{path}: unknown PatchingResult format; expected {_FORMAT}")
+            raise NNPatchValueError(f"{path}: unknown PatchingResult format; expected {_FORMAT}")
         meta["dims"] = tuple(meta["dims"])
         return cls(values=values, **meta)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.hooks import hooks, resolve
-from ..errors import NNPatchError
+from ..errors import NNPatchError, NNPatchTypeError
 from .job import Group, Job, Row
 from .sites import Site
 
@@ -105,7 +105,8 @@ class Runner:
     def _unembed(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the final hidden state `[rows, d]`: all `[rows, vocab]`, or only `columns`
         `[rows, k]` when the unembedding is a plain linear map."""
-        if columns is not None and isinstance(self.unembed, torch.nn.Linear):
+        if columns is not None and isinstance(self.unembed, torch.nn.Linear) \
+                and self.unembed.weight.device.type != "meta":  # offloaded weights load in forward
             w = self.unembed.weight[columns]  # [rows, k, d]
             logits = torch.einsum("rd,rkd->rk", hidden, w)
             if self.unembed.bias is not None:
@@ -389,6 +390,6 @@ def _last_logits(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = module(input_ids=ids)
     logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise NNPatchError(f"{type(module).__name__} returned {type(out).__name__}, not logits "
-                           "[batch, pos, vocab]; sweeps need a model with a language-model head")
+        raise NNPatchTypeError(f"{type(module).__name__} returned {type(out).__name__}, not logits "
+                               "[batch, pos, vocab]; sweeps need a model with a language-model head")
     return logits[:, -1]

@@ -32,7 +32,7 @@ import torch
 
 from ..engine import Model
 from ..engine.inputs import input_slot, read_input, with_input
-from ..errors import NNPatchError
+from ..errors import NNPatchAttributeError, NNPatchIndexError, NNPatchValueError
 
 STANDARD = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
 HEAD_SITES = ("head_out",)  # sites whose last dimension splits into attention heads
@@ -85,8 +85,8 @@ class Site:
         # Some blocks receive their hidden state by keyword (GPT-J's attention: hidden_states=...).
         slot = input_slot(args, kwargs, self.index)
         if slot is None:
-            raise NNPatchError(f"the call of {self.path!r} has no input {self.index}; "
-                               f"keyword inputs were {sorted(kwargs)}")
+            raise NNPatchIndexError(f"the call of {self.path!r} has no input {self.index}; "
+                                    f"keyword inputs were {sorted(kwargs)}")
         return slot
 
 
@@ -164,7 +164,7 @@ class Sites(Mapping):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             missing = "" if name not in STANDARD else (
                 f"; {name!r} does not exist in this architecture's blocks")
-            raise NNPatchError(
+            raise NNPatchValueError(
                 f"site {name!r} is not available for {self.architecture}{hint}{missing}. "
                 f"Available sites: {', '.join(self._table)}") from None
         return self._table[name]
@@ -216,7 +216,7 @@ def sites(model) -> Sites:
     if architecture not in _REGISTRY and type(module).__name__ in _REGISTRY:
         architecture = type(module).__name__
     if architecture not in _REGISTRY:
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"nnpatch has no standard sites for architecture {architecture!r} "
             f"({type(module).__name__}); known: {', '.join(sorted(_REGISTRY))}. Register them in a few "
             f"lines: nnpatch.register_sites({architecture!r}, blocks='<path of the block list>', "
@@ -239,7 +239,7 @@ def sites(model) -> Sites:
             path = f"{blocks}.{layer}" + (f".{rel}" if rel else "")
             if path not in names:
                 close = difflib.get_close_matches(path, list(names), n=3, cutoff=0.5)
-                raise NNPatchError(
+                raise NNPatchAttributeError(
                     f"site {name!r} of {architecture} should be at {path!r}, but the model has no "
                     f"such module (closest: {', '.join(close) or 'none'}); fix the spec {spec!r} "
                     "with nnpatch.register_sites")
@@ -269,8 +269,8 @@ def _parse(spec: str, name: str) -> tuple[Where, tuple[Where, Where] | None]:
     read, _, total = (part.strip() for part in spec.partition("="))
     terms = [t.strip() for t in total.split("+")] if total else []
     if total and len(terms) != 2:
-        raise NNPatchError(f"site {name!r}: {spec!r} must read '<site> = <stream> + <written addend>', "
-                           "e.g. 'ln_2.input = input + attn.output'")
+        raise NNPatchValueError(f"site {name!r}: {spec!r} must read '<site> = <stream> + <written addend>', "
+                                "e.g. 'ln_2.input = input + attn.output'")
     wheres = [_where(t, name, spec) for t in [read] + terms]
     return wheres[0], (tuple(wheres[1:]) if terms else None)
 
@@ -278,7 +278,7 @@ def _parse(spec: str, name: str) -> tuple[Where, tuple[Where, Where] | None]:
 def _where(text: str, name: str, spec: str) -> Where:
     m = _SPEC.match(text)
     if not m:
-        raise NNPatchError(
+        raise NNPatchValueError(
             f"site {name!r}: cannot read {text!r} in {spec!r}; write a path relative to one block that "
             "ends in 'input' or 'output', optionally with a tuple element: 'mlp.output', "
             "'attn.o_proj.input', 'input', 'attn.output[0]'")
@@ -292,7 +292,7 @@ def _find_blocks(names: dict[str, torch.nn.Module], candidates: Sequence[str], a
         if hits:
             return min(hits, key=len)
     lists = [p for p, mod in names.items() if isinstance(mod, torch.nn.ModuleList)]
-    raise NNPatchError(
+    raise NNPatchAttributeError(
         f"{architecture}: no block list at {' or '.join(map(repr, candidates))}; the model's module "
         f"lists are {lists or 'none'}; give the right one with nnpatch.register_sites(..., blocks=...)")
 
