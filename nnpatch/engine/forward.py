@@ -130,6 +130,13 @@ class ForwardPass:
             self.ready.extend(self.name_waiting.pop(key))
 
     def _drain(self, queue: list[Invoke] | None = None) -> None:
+        if queue is not None and len(queue) == 1 and not self.ready:  # the common case: one waiter
+            inv = queue[0]
+            if not inv.done and inv.greenlet is not None and inv.pass_ is self:
+                inv.resume()
+            if not self.ready:
+                return
+            queue = []
         queue = list(queue or ())
         while queue or self.ready:
             queue.extend(self.ready)

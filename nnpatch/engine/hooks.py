@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import _signal
 import signal
 import threading
 import weakref
@@ -62,16 +63,20 @@ def remove_all(handles: list) -> None:
 @contextlib.contextmanager
 def _interrupts_held():
     """Hold back SIGINT (Ctrl-C) for the duration of a with-block, then deliver it."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    # _signal.signal: the same call as signal.signal, without converting handlers to enums
+    previous = _signal.signal(_signal.SIGINT, lambda signum, frame: pending.append(signum))
+    if previous is not signal.default_int_handler:  # someone else's handler: leave it alone
+        _signal.signal(_signal.SIGINT, previous)
+        yield
+        return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signal.signal(_signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
 

@@ -307,6 +307,9 @@ _AUTOCAST = tuple(d for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_avai
 
 
 def torch_state() -> tuple:
+    """Grad mode and autocast state of this thread (cheap when autocast is off: one call each)."""
+    if not _any_autocast():
+        return (torch.is_grad_enabled(),)
     state = [torch.is_grad_enabled()]
     for device in _AUTOCAST:
         on = torch.is_autocast_enabled(device)
@@ -314,12 +317,19 @@ def torch_state() -> tuple:
     return tuple(state)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(device) for device in _AUTOCAST))
+
+
 def _set_torch_state(state: tuple | None, now: tuple) -> None:
     if state is None or state == now:
         return
     if state[0] != now[0]:
         torch.set_grad_enabled(state[0])
-    for device, want, have in zip(_AUTOCAST, state[1:], now[1:]):
+    off = (False, None)
+    for i, device in enumerate(_AUTOCAST, start=1):
+        want = state[i] if len(state) > i else off
+        have = now[i] if len(now) > i else off
         if want != have:
             if want[1] is not None:
                 torch.set_autocast_dtype(device, want[1])

@@ -185,7 +185,10 @@ class LanguageModel(Model):
         """One forward call for the invokes' prompts; each invoke's input is checked against the
         model's vocabulary and context before anything runs."""
         pad_id = self._pad_id()
-        vocab_size, context = model_limits(self._module)
+        limits = self.__dict__.get("_limits")
+        if limits is None:  # the config's sizes do not change: read them once
+            limits = self.__dict__["_limits"] = (*model_limits(self._module), model_sizes(self._module))
+        vocab_size, context, sizes = limits
         blocks, options = [], _forward_options(invokes, self._module)
         for i, (args, kwargs) in enumerate(invokes):
             kwargs = {k: v for k, v in kwargs.items() if k in _PROMPT_KEYWORDS}
@@ -194,7 +197,7 @@ class LanguageModel(Model):
             block = invoke_rows(self.tokenizer, value, mask, pad_id=pad_id)
             check_prompts(block, vocab_size=vocab_size, context=context, where=where)
             blocks.append(block)
-        batch = batch_prompts(blocks, pad_id, self._accepts, avoid=model_sizes(self._module),
+        batch = batch_prompts(blocks, pad_id, self._accepts, avoid=sizes,
                               limit=None if context is None else context[0])
         batch.kwargs.update(options)
         return batch
@@ -224,6 +227,8 @@ _PROMPT_KEYWORDS = ("input_ids", "attention_mask")
 def _forward_options(invokes, module: torch.nn.Module) -> dict:
     """Keyword arguments other than the prompt (`output_attentions=True`) go to the model's
     forward; the invokes of one forward pass must agree on them."""
+    if all(key in _PROMPT_KEYWORDS for _, kwargs in invokes for key in kwargs):
+        return {}
     try:
         parameters = inspect.signature(module.forward).parameters.values()
         accepts = {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
