@@ -6,7 +6,7 @@ How a sweep avoids the work a loop does:
   * a run patched at layer L starts at block L from the unpatched run's cached residual stream
     (earlier blocks are swapped for a pass-through while it runs);
   * in a causal decoder, a run patched at position p starts at position p, with the unpatched
-    run's keys and values of the earlier positions as its `past_key_values`;
+    run's keys and values of the earlier positions as its key/value cache;
   * logits are computed only at the last position, and for a logit difference only for the two
     tokens it compares.
 Every hook is removed and every swapped block restored in a `finally`, so an error or Ctrl-C
@@ -15,6 +15,7 @@ leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class Runner:
         self.kv = table.kv_cache and not (window and self.seq >= window)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.block_out_len = 0  # 0: blocks return a tensor; k: a tuple of k elements
+        self.cache_arg = _cache_argument(self.base) if self.kv else None
 
     # -- reference runs ---------------------------------------------------------------------------
     def reference_runs(self) -> None:
@@ -100,7 +102,7 @@ class Runner:
             return _last_logits(self.job.module, ids), None
         out = self.base(input_ids=ids, use_cache=True) if want_cache else self.base(input_ids=ids)
         hidden = _hidden(out)[:, -1]
-        return self._unembed(hidden), (out.past_key_values if want_cache else None)
+        return self._unembed(hidden), (getattr(out, self.cache_arg) if want_cache else None)
 
     def _unembed(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the final hidden state `[rows, d]`: all `[rows, vocab]`, or only `columns`
@@ -210,7 +212,7 @@ class Runner:
                                                                   start_layer, self.block_out_len):
             if not self.fast:
                 return _last_logits(job.module, ids)
-            out = self.base(input_ids=ids, past_key_values=cache, use_cache=True) if cache is not None \
+            out = self.base(input_ids=ids, use_cache=True, **{self.cache_arg: cache}) if cache is not None \
                 else self.base(input_ids=ids)
             hidden = _hidden(out)[:, -1]  # [rows, d]
             if mode == "diff":
@@ -281,6 +283,12 @@ class Captured:
     values: list[torch.Tensor]  # per swept layer: [n, pos, d]
     deltas: list[torch.Tensor]  # per swept layer: the zero leaf added to the site
     logits: torch.Tensor  # [n, vocab]
+
+
+def _cache_argument(base: torch.nn.Module) -> str:
+    """The name under which a Hugging Face decoder takes and returns its key/value cache: `cache`
+    in recent transformers, where `past_key_values` is deprecated; `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 # ------------------------------------------------------------------------------------------------
