@@ -80,20 +80,21 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     clean_score, corrupt_score = job.scores(runners)
     cells = job.cells()
     sink = CellSink(job, len(cells))
-    rows_total = len(cells) * job.n_pairs
-    bar = _progress(rows_total, f"patching {job.site_name}", progress)
+    # Runs whose patches write the value already there would reproduce the base run: they are
+    # scored from it, and the bar counts only the runs that are done.
+    live_rows = []
+    for runner in runners:
+        rows = [Row(pair, (patch,), cell) for cell, patch in enumerate(cells) for pair in range(runner.group.n)]
+        idle, live = [], []
+        for r in rows:
+            (idle if runner.unchanged(r) else live).append(r)
+        if idle:
+            pairs = [r.pair for r in idle]
+            sink.add(runner.group, idle, job.metric.row_stats(runner.base_logits[pairs], runner.group, pairs))
+        live_rows.append(live)
+    bar = _progress(sum(map(len, live_rows)), f"patching {job.site_name}", progress)
     try:
-        for runner in runners:
-            rows = [Row(pair, (patch,), cell) for cell, patch in enumerate(cells)
-                    for pair in range(runner.group.n)]
-            idle, live = [], []
-            for r in rows:
-                (idle if runner.unchanged(r) else live).append(r)
-            if idle:  # these runs would reproduce the base run
-                pairs = [r.pair for r in idle]
-                sink.add(runner.group, idle, job.metric.row_stats(runner.base_logits[pairs], runner.group, pairs))
-                bar.update(len(idle))
-            rows = live
+        for runner, rows in zip(runners, live_rows):
             for chunk in runner.chunks(rows, batch_size, memory_budget):
                 out = runner.run(chunk, job.metric.mode)
                 sink.add(runner.group, chunk, job.metric.row_stats(out, runner.group, [r.pair for r in chunk]))
@@ -216,11 +217,14 @@ def patch_cells(model, clean, corrupt=None, cells=(), *, site: str = "resid_pre"
 
 
 def _progress(total: int, desc: str, progress: bool | Callable[[int, int], None]):
-    """A tqdm bar, or for a callable `progress` an object that calls it with (done, total)."""
+    """A tqdm bar, or for a callable `progress` an object that calls it with (done, total).
+
+    The bar stays on its own line when it closes, showing the final count: output printed after
+    a sweep starts on the next line, and a bar cut short by an error shows where it stopped."""
     if callable(progress):
         return _CallbackProgress(total, progress)
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=False)
+    return tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=True)
 
 
 class _CallbackProgress:
