@@ -117,3 +117,50 @@ def test_a_real_sweep_saves_plots_and_scatters(tmp_path, tok):
     assert torch.equal(PatchingResult.load(tmp_path / "act.safetensors").values, act.values)
     assert isinstance(heatmap.scatter(atp, act), go.Figure)
     assert isinstance(heatmap.compare([act, atp]), go.Figure)
+
+
+def write(path, header=None, tensors=None):
+    metadata = None if header is None else {"nnpatch": header if isinstance(header, str) else json.dumps(header)}
+    save_file(tensors or {"values": torch.zeros(2, 3)}, str(path), metadata=metadata)
+    return path
+
+
+def test_load_keeps_what_it_knows_of_a_newer_files_header(tmp_path):
+    r = grid()
+    r.save(tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["nnpatch"])
+    meta.update(created_by="nnpatch 9.0", prompts=["a", "b"], seed=3)
+    back = PatchingResult.load(write(tmp_path / "newer.safetensors", meta, {"values": r.values}))
+    assert torch.equal(back.values, r.values) and back.labels == r.labels and back.site == "resid_pre"
+
+
+@pytest.mark.parametrize("header, says", [
+    ("{not json", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ([1, 2], "unknown PatchingResult format"),
+    ({"format": "nnpatch.PatchingResult/7", "dims": ["layer"]}, "unknown PatchingResult format"),
+    ({"format": "nnpatch.PatchingResult/1", "dims": ["layer", "pos"]}, "lacks labels, clean_score"),
+    ({"format": "nnpatch.PatchingResult/1", "dims": "layer", "labels": {}, "clean_score": 1,
+      "corrupt_score": 0}, "dims in the nnpatch header is str, expected list"),
+    ({"format": "nnpatch.PatchingResult/1", "dims": ["layer", "pos"], "labels": {"pos": [1, 2, 3]},
+      "clean_score": 1, "corrupt_score": 0}, "labels in the nnpatch header must be lists of strings"),
+    ({"format": "nnpatch.PatchingResult/1", "dims": ["layer", "pos"], "labels": {}, "clean_score": "high",
+      "corrupt_score": 0}, "clean_score in the nnpatch header is str, expected a number"),
+    ({"format": "nnpatch.PatchingResult/1", "dims": ["layer"], "labels": {}, "clean_score": 1,
+      "corrupt_score": 0}, "need 2 dims"),
+])
+def test_a_malformed_header_is_one_clear_error(tmp_path, header, says):
+    path = write(tmp_path / "bad.safetensors", header)
+    with pytest.raises(nnpatch.NNPatchError, match=says):
+        PatchingResult.load(path)
+
+
+def test_a_file_that_is_not_safetensors_is_one_clear_error(tmp_path):
+    for i, content in enumerate([b"", b"hello world", b"\xff" * 8 + b"{}", (10**6).to_bytes(8, "little") + b"{"]):
+        path = tmp_path / f"junk{i}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(nnpatch.NNPatchError, match="not a PatchingResult file"):
+            PatchingResult.load(path)
+    with pytest.raises(FileNotFoundError):
+        PatchingResult.load(tmp_path / "missing.safetensors")

@@ -104,16 +104,57 @@ class PatchingResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "PatchingResult":
-        """Read a file written by `save` (no pickle involved)."""
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if "nnpatch" not in header or "values" not in f.keys():
-                raise NNPatchValueError(f"{path} is not a PatchingResult file (no nnpatch header); "
-                                        "write one with PatchingResult.save")
-            values = f.get_tensor("values")
-        meta = json.loads(header["nnpatch"])
-        if meta.pop("format", None) != _FORMAT:
-            raise NNPatchValueError(f"{path}: unknown PatchingResult format; expected {_FORMAT}")
-        meta["dims"] = tuple(meta["dims"])
-        return cls(values=values, **meta)
+        """Read a file written by `save` (no pickle involved).
+
+        Keys a newer nnpatch adds to the header are ignored; a file that is not a PatchingResult
+        (another safetensors file, a truncated or edited one) raises one `NNPatchValueError`
+        that names the file and what is wrong with it."""
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if "nnpatch" not in header or "values" not in f.keys():
+                    raise NNPatchValueError(f"{path} is not a PatchingResult file (no nnpatch header); "
+                                            "write one with PatchingResult.save")
+                values = f.get_tensor("values")
+        except SafetensorError as e:
+            raise NNPatchValueError(f"{path} is not a PatchingResult file (not readable as "
+                                    f"safetensors: {e})") from None
+        try:
+            meta = json.loads(header["nnpatch"])
+        except (ValueError, RecursionError):
+            raise NNPatchValueError(f"{path}: the nnpatch header is not valid JSON") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise NNPatchValueError(f"{path}: unknown PatchingResult format {found!r}; this nnpatch reads "
+                                    f"{_FORMAT}")
+        return cls(values=values, **_fields(meta, path))
+
+
+_KINDS = {"dims": list, "labels": dict, "clean_score": (int, float), "corrupt_score": (int, float),
+          "metric": str, "site": str, "method": str, "direction": str, "n_pairs": int, "layers": list,
+          "model": str}
+_REQUIRED = ("dims", "labels", "clean_score", "corrupt_score")
+
+
+def _fields(meta: dict, path) -> dict:
+    """The constructor arguments in a file's header, each checked for its type; keys this
+    version does not know are dropped."""
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise NNPatchValueError(f"{path}: the nnpatch header lacks {', '.join(missing)}")
+    out = {}
+    for key, kind in _KINDS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise NNPatchValueError(f"{path}: {key} in the nnpatch header is {type(value).__name__}, "
+                                    f"expected {getattr(kind, '__name__', 'a number')}")
+        out[key] = value
+    if not all(isinstance(d, str) for d in out["dims"]):
+        raise NNPatchValueError(f"{path}: dims in the nnpatch header must be names")
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in out["labels"].values()):
+        raise NNPatchValueError(f"{path}: labels in the nnpatch header must be lists of strings")
+    out["dims"] = tuple(out["dims"])
+    return out
