@@ -95,3 +95,40 @@ def test_the_readmes_main_job_as_installed(tmp_path):
     want = nnpatch.activation_patching(model, nnpatch.tasks.ioi(8, template=0), progress=False)
     assert torch.allclose(saved.values, want.values, atol=1e-5)
     assert "L0" in run.stdout and "L3" in run.stdout
+
+
+def test_unwritable_outputs_fail_before_any_work(tiny, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    for option, path in [("--out", tmp_path / "no-folder" / "r.html"), ("--out", tmp_path),
+                         ("--save", tmp_path / "a-file" / "r.safetensors")]:
+        assert cli.main(["sweep", option, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"nnpatch sweep: error: ") and option in err, err
+    assert tiny == []                                   # no model was loaded, nothing computed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_quiet_and_the_bar_counts_the_runs_done(tiny, tmp_path, capfd):
+    assert cli.main(["sweep", "--out", str(tmp_path / "r.html")]) == 0
+    err = capfd.readouterr().err
+    bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    done, total = bar.split("|")[2].split()[0].split("/")
+    assert done == total and bar.startswith("patching resid_pre: 100%") and err.endswith("\n"), err
+    assert cli.main(["sweep", "--quiet", "--out", str(tmp_path / "r.html")]) == 0
+    assert capfd.readouterr().err == ""
+
+
+def test_help_version_and_python_dash_m():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "nnpatch", *args], capture_output=True, text=True, cwd=root)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        return done.stdout
+    assert run("--version").startswith("nnpatch ")
+    top = run("--help")
+    assert "nnpatch sweep" in top and "nnpatch lab" in top and "%load_ext nnpatch" in top
+    sweep = run("sweep", "--help")
+    assert "--quiet" in sweep and "examples:" in sweep and "table-max" in sweep and "head_out" in sweep
+    assert "notebooks" in run("lab", "--help")
