@@ -63,6 +63,36 @@ def hooked_forward(hf, text, module_hooks):
             h.remove()
 
 
+def first(output):
+    """A block's hidden state: its output, or the first element of a tuple output."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_outputs(hf, text, edits=None):
+    """Logits and every block's output of a plain forward; `edits[i](h) -> h` replaces block
+    i's hidden state (the reference the engine's traces are compared with)."""
+    outs, handles = {}, []
+    for i, block in enumerate(blocks(hf)):
+        def keep(m, a, o, i=i):
+            h = first(o)
+            if edits and i in edits:
+                h = edits[i](h.clone())
+            outs[i] = h.detach().clone()
+            return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+        handles.append(block.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            logits = hf(ids(text)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, outs
+
+
+def close(a, b, tol=1e-5):
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol)
+
+
 def block_envoys(model):
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 

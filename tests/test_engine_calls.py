@@ -8,45 +8,25 @@ import pytest
 import torch
 
 import nnpatch
-from conftest import all_hooks, block_envoys, prompt
+from conftest import all_hooks, block_envoys, block_outputs, blocks, close, first, ids, prompt
 
 A = prompt(1, 2, 3, 4, 5, 6)
 B = prompt(1, 2, 9, 4, 5, 6)
 SHORT = prompt(7, 8, 9)
 
 
-def first(o):
-    return o[0] if isinstance(o, tuple) else o
 
 
-def ids(text):
-    return torch.tensor([[int(w[1:]) + 2 for w in text.split()]])
 
 
-def blocks(hf):
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
 
 
 def final_norm(hf):
     return hf.transformer.ln_f if hasattr(hf, "transformer") else hf.model.norm
 
 
-def outputs(hf, text):
-    outs, handles = {}, []
-    for i, block in enumerate(blocks(hf)):
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, i=i: outs.__setitem__(i, first(o).detach().clone())))
-    try:
-        with torch.no_grad():
-            logits = hf(ids(text)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs
 
 
-def close(a, b, tol=1e-5):
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol)
 
 
 def norm_envoy(lm):
@@ -56,7 +36,7 @@ def norm_envoy(lm):
 # -- calling a module inside a trace (the logit lens) ---------------------------------------------------
 
 def test_logit_lens_calls_modules_aside_from_the_trace(lm, hf):
-    logits, outs = outputs(hf, A)
+    logits, outs = block_outputs(hf, A)
     with torch.no_grad():
         want = [hf.lm_head(final_norm(hf)(outs[i])) for i in range(3)]
     layers = block_envoys(lm)
@@ -70,7 +50,7 @@ def test_logit_lens_calls_modules_aside_from_the_trace(lm, hf):
 
 
 def test_a_module_call_is_not_patched_by_the_trace(lm, hf):
-    _, outs = outputs(hf, A)
+    _, outs = block_outputs(hf, A)
     layers = block_envoys(lm)
     with torch.no_grad():
         with lm.trace(A):
@@ -85,8 +65,8 @@ def test_a_module_call_is_not_patched_by_the_trace(lm, hf):
 # -- a promptless invoke acts on the whole batch ----------------------------------------------------------
 
 def test_promptless_invoke_sees_and_edits_every_row(lm, hf):
-    la, a = outputs(hf, A)
-    lb, b = outputs(hf, B)
+    la, a = block_outputs(hf, A)
+    lb, b = block_outputs(hf, B)
     layers = block_envoys(lm)
     with torch.no_grad():
         with lm.trace() as tracer:
@@ -106,7 +86,7 @@ def test_promptless_invoke_sees_and_edits_every_row(lm, hf):
     handle = blocks(hf)[1].register_forward_hook(lambda m, i, o: (zero_last(o[0]),) + tuple(o[1:])
                                                   if isinstance(o, tuple) else zero_last(o))
     try:
-        ref_a, ref_b = outputs(hf, A)[0], outputs(hf, B)[0]
+        ref_a, ref_b = block_outputs(hf, A)[0], block_outputs(hf, B)[0]
     finally:
         handle.remove()
     with torch.no_grad():
@@ -131,8 +111,8 @@ def test_only_promptless_invokes_is_a_clear_error(lm, hf):
 # -- threads ---------------------------------------------------------------------------------------------
 
 def test_a_plain_forward_from_another_thread_is_not_intercepted(lm, hf):
-    la, _ = outputs(hf, A)
-    lb, _ = outputs(hf, SHORT)
+    la, _ = block_outputs(hf, A)
+    lb, _ = block_outputs(hf, SHORT)
     layers = block_envoys(lm)
     seen = {}
     started, release = threading.Event(), threading.Event()
@@ -157,8 +137,8 @@ def test_a_plain_forward_from_another_thread_is_not_intercepted(lm, hf):
 
 
 def test_traces_and_sweeps_from_two_threads_both_work(lm, hf):
-    la, _ = outputs(hf, A)
-    lb, _ = outputs(hf, B)
+    la, _ = block_outputs(hf, A)
+    lb, _ = block_outputs(hf, B)
     layers = block_envoys(lm)
     results, errors = {}, []
 

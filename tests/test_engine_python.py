@@ -9,37 +9,18 @@ import pytest
 import torch
 
 import nnpatch
-from conftest import all_hooks, block_envoys, prompt
+from conftest import all_hooks, block_envoys, block_outputs, close, first, prompt
 
 A = prompt(1, 2, 3, 4, 5, 6)
 B = prompt(1, 2, 9, 4, 5, 6)
 
 
-def first(o):
-    return o[0] if isinstance(o, tuple) else o
 
 
-def blocks(hf):
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
 
 
-def block_outputs(hf, text):
-    ids = torch.tensor([[int(w[1:]) + 2 for w in text.split()]])
-    outs, handles = {}, []
-    for i, block in enumerate(blocks(hf)):
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, i=i: outs.__setitem__(i, first(o).detach().clone())))
-    try:
-        with torch.no_grad():
-            logits = hf(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs
 
 
-def close(a, b, tol=1e-5):
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol)
 
 
 def test_body_that_starts_with_try(lm, hf):

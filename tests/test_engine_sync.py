@@ -10,43 +10,19 @@ import pytest
 import torch
 
 import nnpatch
-from conftest import all_hooks, block_envoys, prompt
+from conftest import all_hooks, block_envoys, block_outputs, blocks, close, first, ids, prompt
 
 A = prompt(1, 2, 3, 4, 5, 6)
 B = prompt(1, 2, 9, 4, 5, 6)
 SHORT = prompt(7, 8)
 
 
-def blocks(hf):
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
 
 
-def ids(text):
-    return torch.tensor([[int(w[1:]) + 2 for w in text.split()]])
 
 
-def reference(hf, text, edits=None):
-    """Logits and every block's output of a plain forward; `edits[i](h) -> h` changes block i."""
-    outs, handles = {}, []
-    for i, block in enumerate(blocks(hf)):
-        def hook(m, a, o, i=i):
-            h = o[0] if isinstance(o, tuple) else o
-            if edits and i in edits:
-                h = edits[i](h.clone())
-            outs[i] = h.detach().clone()
-            return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
-        handles.append(block.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = hf(ids(text)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs
 
 
-def close(a, b, tol=1e-5):
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol)
 
 
 class Passes:
@@ -68,18 +44,16 @@ class Passes:
 
 # -- a variable is handed over at its final value (1a) ---------------------------------------------
 
-def first(o):
-    return o[0] if isinstance(o, tuple) else o
 
 
 def test_reassigned_variable_reaches_the_reader_at_its_last_value(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
     want = a[1][:, -1] + a[2][:, -1]
 
     def patch(h):
         h[:, -1] = want
         return h
-    ref, _ = reference(hf, B, {2: patch})
+    ref, _ = block_outputs(hf, B, {2: patch})
     layers = block_envoys(lm)
     with Passes(hf) as passes:
         with lm.trace() as tracer:
@@ -95,7 +69,7 @@ def test_reassigned_variable_reaches_the_reader_at_its_last_value(lm, hf):
 
 
 def test_barrier_hands_over_the_value_held_at_the_barrier(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
     layers = block_envoys(lm)
     with lm.trace() as tracer:
         barrier = tracer.barrier(2)
@@ -111,7 +85,7 @@ def test_barrier_hands_over_the_value_held_at_the_barrier(lm, hf):
 
 
 def test_barrier_before_the_reassignment_hands_over_the_earlier_value(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
     layers = block_envoys(lm)
     with lm.trace() as tracer:
         barrier = tracer.barrier(2)
@@ -126,7 +100,7 @@ def test_barrier_before_the_reassignment_hands_over_the_earlier_value(lm, hf):
 
 
 def test_variable_assigned_in_a_loop_is_read_after_the_loop(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
     layers = block_envoys(lm)
     with lm.trace() as tracer:
         with tracer.invoke(A):
@@ -141,12 +115,12 @@ def test_variable_assigned_in_a_loop_is_read_after_the_loop(lm, hf):
 def test_misplaced_barrier_runs_a_second_pass_not_a_stale_one(lm, hf):
     # The forum thread's shape: the patching invoke meets the others only after they read the
     # logits, yet patches an early layer: nnpatch gives it a pass of its own.
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def patch(h):
         h[:, -1] = a[0][:, -1]
         return h
-    ref, _ = reference(hf, B, {0: patch})
+    ref, _ = block_outputs(hf, B, {0: patch})
     layers = block_envoys(lm)
     with Passes(hf) as passes:
         with lm.trace() as tracer:
@@ -164,12 +138,12 @@ def test_misplaced_barrier_runs_a_second_pass_not_a_stale_one(lm, hf):
 
 
 def test_maintainer_style_barriers_run_in_one_pass(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def patch(h):
         h[:, -1] = a[1][:, -1]
         return h
-    ref, _ = reference(hf, B, {1: patch})
+    ref, _ = block_outputs(hf, B, {1: patch})
     layers = block_envoys(lm)
     with Passes(hf) as passes:
         with lm.trace() as tracer:
@@ -200,12 +174,12 @@ def test_a_barrier_nobody_else_reaches_is_a_clear_error(lm, hf):
 # -- statements run once (1f) -------------------------------------------------------------------------
 
 def test_an_invoke_that_needs_a_second_pass_runs_each_statement_once(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def put(h):
         h[:, -1] = a[2][:, -1]
         return h
-    ref, _ = reference(hf, B, {0: put})
+    ref, _ = block_outputs(hf, B, {0: put})
     layers = block_envoys(lm)
     log = []
     with Passes(hf) as passes:
@@ -228,12 +202,12 @@ def test_an_invoke_that_needs_a_second_pass_runs_each_statement_once(lm, hf):
 def test_edit_after_the_pause_lands_at_the_paused_layer(lm, hf):
     # B reads layer 0, then waits for A (layer 2), then edits what it read: the edit belongs to
     # layer 0, where B's clock stopped.
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def put(h):
         h[:, 2] = a[2][:, 2] * 0.5
         return h
-    ref, _ = reference(hf, B, {0: put})
+    ref, _ = block_outputs(hf, B, {0: put})
     layers = block_envoys(lm)
     with lm.trace() as tracer:
         with tracer.invoke(A):
@@ -246,17 +220,17 @@ def test_edit_after_the_pause_lands_at_the_paused_layer(lm, hf):
 
 
 def test_three_invokes_chained_backwards_each_run_once(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def put_b(h):
         h[:, -1] = a[2][:, -1]
         return h
-    _, b = reference(hf, B, {0: put_b})
+    _, b = block_outputs(hf, B, {0: put_b})
 
     def put_c(h):
         h[:, -1] = b[2][:, -1]
         return h
-    ref, _ = reference(hf, SHORT + " t1 t2 t3", {0: put_c})
+    ref, _ = block_outputs(hf, SHORT + " t1 t2 t3", {0: put_c})
     layers = block_envoys(lm)
     runs = []
     with lm.trace() as tracer:
@@ -306,7 +280,7 @@ def test_no_grad_inside_one_invoke_does_not_reach_the_other(lm, hf):
 
 
 def test_autocast_inside_one_invoke_does_not_change_the_other(lm, hf):
-    ref, _ = reference(hf, B)
+    ref, _ = block_outputs(hf, B)
     layers = block_envoys(lm)
     with torch.no_grad():
         with lm.trace() as tracer:
@@ -359,7 +333,7 @@ def test_another_models_module_inside_a_trace_is_an_error(lm, hf, tok):
     same_module = nnpatch.LanguageModel(hf, tokenizer=tok)  # a second wrapper of the same module
     with lm.trace(A):
         h = first(block_envoys(same_module)[0].output).save()
-    assert close(h, reference(hf, A)[1][0])
+    assert close(h, block_outputs(hf, A)[1][0])
 
 
 # -- failures leave nothing behind (3) ------------------------------------------------------------------
@@ -405,12 +379,12 @@ def test_interrupt_inside_a_hook_leaves_no_hook_and_grad_mode_restored(lm, hf):
 
 
 def test_bare_except_around_a_read_that_needs_a_second_pass(lm, hf):
-    _, a = reference(hf, A)
+    _, a = block_outputs(hf, A)
 
     def put(h):
         h[:, -1] = a[2][:, -1]
         return h
-    ref, _ = reference(hf, B, {0: put})
+    ref, _ = block_outputs(hf, B, {0: put})
     layers = block_envoys(lm)
     with lm.trace() as tracer:
         with tracer.invoke(A):
