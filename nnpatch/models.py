@@ -3,7 +3,7 @@
 The registry and the weights live in `nnpatch/bundled/`; `load` wraps a bundled model as an
 `nnpatch.LanguageModel` with its tokenizer.
 
-Example:
+Examples:
     >>> import nnpatch
     >>> nnpatch.models.available()
     ['ioi', 'table-max']
@@ -21,7 +21,7 @@ def load(name: str, **from_pretrained_kwargs) -> LanguageModel:
 
     Keyword arguments go to `AutoModelForCausalLM.from_pretrained` (e.g. `torch_dtype`).
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> model = nnpatch.models.load("ioi")
         >>> model.tokenizer.decode(model.to_tokens(" Mary"))

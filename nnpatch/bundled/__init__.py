@@ -11,7 +11,7 @@ weights, a word-level tokenizer), so it loads offline through nnpatch or plain t
 pairs for both, and `scripts/train_bundled.py` retrains them from a seed. `nnpatch.models.load`
 wraps one as an `nnpatch.LanguageModel`; this registry needs nothing from the engine.
 
-Example:
+Examples:
     >>> import nnpatch
     >>> nnpatch.models.available()
     ['ioi', 'table-max']
@@ -31,7 +31,7 @@ _ROOT = Path(__file__).parent
 def available() -> list[str]:
     """The names of the bundled models, sorted.
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> "ioi" in nnpatch.models.available()
         True
@@ -44,7 +44,7 @@ def available() -> list[str]:
 def path(name: str) -> Path:
     """The folder of bundled model `name`; pass it to any `from_pretrained`.
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> from transformers import AutoTokenizer
         >>> tok = AutoTokenizer.from_pretrained(nnpatch.models.path("table-max"))

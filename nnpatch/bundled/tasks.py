@@ -18,7 +18,7 @@ One key in ten is "test", the rest "train". The training script draws only "trai
 generators here draw "test" prompts unless told otherwise, so a clean prompt, its corrupt twin,
 and every prompt that differs from them only in name order or values, never occur in training.
 
-Example:
+Examples:
     >>> import nnpatch
     >>> pairs = nnpatch.tasks.ioi(2, seed=0)
     >>> len(pairs), pairs.model
@@ -151,7 +151,7 @@ def ioi(n: int, seed: int = 0, *, template: int | None = None, split: str = "tes
     `meta[i]` keys: "io", "s1", "s2", "end" (token positions of IO, the first and second mention
     of S, and the last token), "template" (index) and "order" ("ABBA" or "BABA").
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> p = nnpatch.tasks.ioi(1, seed=0, template=0)[0]
         >>> p.clean, p.answer
@@ -214,7 +214,7 @@ def table_max(n: int, seed: int = 0, *, rows: int = 8, split: str = "test") -> P
     ({row: {"x": [label token positions], "y": [value token position]}}), "values" (the clean
     y-values in row order) and "end" (position of the last token).
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> p = nnpatch.tasks.table_max(1, seed=0, rows=4)[0]
         >>> int(p.answer) == max(p.meta["values"]) > int(p.wrong)
@@ -269,7 +269,7 @@ def vocabulary(model: str) -> list[str]:
 
     The bundled tokenizers are built from this list (one token per piece).
 
-    Example:
+    Examples:
         >>> import nnpatch
         >>> " Mary" in nnpatch.tasks.vocabulary("ioi")
         True

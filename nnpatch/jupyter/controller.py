@@ -5,7 +5,7 @@ click to a method of `WorkbenchController`, which checks the input, calls nnpatc
 (`activation_patching` for the heatmap, `sweep.patch_cells` for one cell or a selection) and
 returns plain data. Tests drive this class directly and compare its numbers with the API's.
 
-Example:
+Examples:
     >>> import nnpatch
     >>> from nnpatch.jupyter.controller import Settings, WorkbenchController
     >>> ctl = WorkbenchController(nnpatch.models.load("ioi"))
