@@ -7,7 +7,7 @@ Then it feeds the app bad input and checks that it answers with a message, not a
 still runs. Screenshots go to out/screenshots/.
 
 Needs chromium (`apt-get install -y chromium`), playwright and jupyterlab (the `test` extra).
-Without them the test fails in CI (CI=true installs them, see .ci/run) and is skipped elsewhere.
+Without them the test fails in CI (CI=true) and is skipped elsewhere; scripts/test.sh installs them.
 """
 import contextlib
 import importlib.util
@@ -47,7 +47,7 @@ def _needs():
     if missing:
         why = "the browser test needs " + ", ".join(missing)
         if os.environ.get("CI") == "true":
-            pytest.fail(why + "; CI installs them in .ci/run")
+            pytest.fail(why + "; scripts/test.sh installs them (apt-get, as root)")
         pytest.skip(why)
     return chromium
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the engine and sweep tests on the lowest transformers, plotly and ipywidgets that
+# pyproject.toml allows, in a throwaway venv layered over the current Python's packages.
+# Usage: bash scripts/test_lowest.sh   (after scripts/install.sh test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pins=$("$PY" - <<'PY'
+import re
+text = open("pyproject.toml").read()
+for name in ("transformers", "plotly", "ipywidgets"):
+    lowest = re.search('"' + name + r'>=([0-9.]+)', text).group(1)
+    print(f"{name}=={lowest}", end=" ")
+PY
+)
+venv=$(mktemp -d)/lowest
+trap 'rm -rf "$(dirname "$venv")"' EXIT
+"$PY" -m venv --system-site-packages "$venv"
+echo "lowest declared versions: $pins"
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip install -q $pins
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_engine.py tests/test_engine_calls.py tests/test_gradients.py tests/test_inputs.py \
+  tests/test_layers.py tests/test_sweep.py tests/test_sweep_archs.py tests/test_sweep_attribution.py \
+  tests/test_result.py tests/test_models.py tests/test_forum_threads.py tests/test_clean_output.py \
+  tests/test_workbench_controller.py tests/test_cli.py
