@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the engine and sweep tests on the lowest transformers, plotly and ipywidgets that
-# pyproject.toml allows, in a throwaway venv layered over the current Python's packages.
+# pyproject.toml allows, in a throwaway venv layered over the current Python's packages (the
+# current Python may itself be a venv, so --system-site-packages would reach the wrong ones).
 # Usage: bash scripts/test_lowest.sh   (after scripts/install.sh test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,11 @@ PY
 )
 venv=$(mktemp -d)/lowest
 trap 'rm -rf "$(dirname "$venv")"' EXIT
-"$PY" -m venv --system-site-packages "$venv"
+"$PY" -m venv "$venv"
+own=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
+# Read after the venv's own site-packages: what pip installs below shadows the current Python's copies.
+"$PY" -c "import site; print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in site.getsitepackages()))" \
+  > "$own/zz_layered.pth"
 echo "lowest declared versions: $pins"
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install -q $pins
