@@ -32,3 +32,12 @@ def test_two_commands_and_ci_runs_the_second():
     lines = [line.split("#")[0].strip() for line in commands.strip().splitlines()]
     assert lines == ["bash scripts/install.sh && nnpatch sweep", "bash scripts/test.sh"]
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_docs_benchmarks_page_shows_the_readmes_measured_table():
+    def table(text):
+        return [line for line in text.splitlines() if line.startswith("|")]
+    def how_measured(text):
+        return re.search(r"^Measured on.*?\n\n", text, flags=re.S | re.M).group(0)
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert table(page) == table(README) and how_measured(page) == how_measured(README)
