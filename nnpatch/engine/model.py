@@ -28,6 +28,16 @@ from .inputs import check_prompts, input_device, invoke_rows, model_limits, mode
 from .tracing import Tracer
 
 
+def _on_module(name: str, doc: str):
+    """A wrapper method that calls the wrapped module's `name` and returns the wrapper."""
+    def method(self, *args, **kwargs):
+        getattr(self._module, name)(*args, **kwargs)
+        return self
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"{doc}; returns this wrapper."
+    return method
+
+
 class Model(Envoy):
     """Wraps any torch.nn.Module for tracing. Attribute access walks the module tree."""
 
@@ -48,56 +58,16 @@ class Model(Envoy):
         return self._module
 
     # -- the wrapped module, nnsight-style: these act on it and return the wrapper ------------
-    def to(self, *args, **kwargs) -> "Model":
-        """Move or cast the wrapped module (as `torch.nn.Module.to`); returns this wrapper."""
-        self._module.to(*args, **kwargs)
-        return self
-
-    def cuda(self, device=None) -> "Model":
-        """Move the wrapped module to a CUDA device; returns this wrapper."""
-        self._module.cuda(device)
-        return self
-
-    def cpu(self) -> "Model":
-        """Move the wrapped module to the CPU; returns this wrapper."""
-        self._module.cpu()
-        return self
-
-    def half(self) -> "Model":
-        """Cast the wrapped module's floating-point parameters to float16; returns this wrapper."""
-        self._module.half()
-        return self
-
-    def float(self) -> "Model":
-        """Cast the wrapped module's floating-point parameters to float32; returns this wrapper."""
-        self._module.float()
-        return self
-
-    def double(self) -> "Model":
-        """Cast the wrapped module's floating-point parameters to float64; returns this wrapper."""
-        self._module.double()
-        return self
-
-    def bfloat16(self) -> "Model":
-        """Cast the wrapped module's floating-point parameters to bfloat16; returns this wrapper."""
-        self._module.bfloat16()
-        return self
-
-    def eval(self) -> "Model":
-        """Put the wrapped module in evaluation mode (no dropout); returns this wrapper."""
-        self._module.eval()
-        return self
-
-    def train(self, mode: bool = True) -> "Model":
-        """Put the wrapped module in training mode (or evaluation mode with False); returns
-        this wrapper."""
-        self._module.train(mode)
-        return self
-
-    def requires_grad_(self, requires_grad: bool = True) -> "Model":
-        """Set requires_grad of the wrapped module's parameters; returns this wrapper."""
-        self._module.requires_grad_(requires_grad)
-        return self
+    to = _on_module("to", "Move or cast the wrapped module (as `torch.nn.Module.to`)")
+    cuda = _on_module("cuda", "Move the wrapped module to a CUDA device")
+    cpu = _on_module("cpu", "Move the wrapped module to the CPU")
+    half = _on_module("half", "Cast the wrapped module's floating-point parameters to float16")
+    float = _on_module("float", "Cast the wrapped module's floating-point parameters to float32")
+    double = _on_module("double", "Cast the wrapped module's floating-point parameters to float64")
+    bfloat16 = _on_module("bfloat16", "Cast the wrapped module's floating-point parameters to bfloat16")
+    eval = _on_module("eval", "Put the wrapped module in evaluation mode (no dropout)")
+    train = _on_module("train", "Put the wrapped module in training mode (or evaluation mode with False)")
+    requires_grad_ = _on_module("requires_grad_", "Set requires_grad of the wrapped module's parameters")
 
     @property
     def device(self) -> torch.device:
