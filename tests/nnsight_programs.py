@@ -2642,11 +2642,7 @@ def ref_grad_through_patch(hf, S):
     return {"g": g}
 
 
-@program(ref=ref_grad_through_patch,
-         xfail="the gradient of a value patched into another invoke does not flow back to it: nnpatch "
-               "copies the patch into the batched tensor in place, and .grad of the source (a view "
-               "of that same tensor) is taken w.r.t. the tensor after the copy, so it is all zeros "
-               "(wrong value); PyTorch gives d(metric)/d(source) through the patch")
+@program(ref=ref_grad_through_patch)
 def grad_through_a_patched_value(model, S):
     # nnsight 0.8.1 crashes the interpreter (segfault) on this program, so it has a reference
     with model.trace() as tracer:

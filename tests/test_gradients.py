@@ -213,3 +213,22 @@ def test_random_gradient_programs(data):
         for j, key in enumerate(forward_order):
             assert close(ns[f"g{k}_{j}"], ref[key]), ("\n".join(lines), key)
     assert all_hooks(MODEL) == 0
+
+
+def test_gradient_of_a_short_invokes_module_that_only_it_reads():
+    # Regression: the second, shorter invoke (left-padded by 3) reads a module no other invoke
+    # reads; its gradient is one block of the batched gradient, which autograd hands out as a
+    # view starting mid-buffer. Read at the wrong offset it came back all zeros.
+    long_text, short_text, answer = "t4 t35 t9 t34 t14 t27 t24", "t8 t22 t21 t3", 9
+    with LM.trace() as tracer:
+        with tracer.invoke(long_text):
+            LM.transformer.h[0].output
+        with tracer.invoke(short_text):
+            mlp = LM.transformer.h[0].mlp.output
+            logits = LM.lm_head.output
+            with (logits[0, -1, answer] - logits[0, -1, 0]).backward():
+                g = mlp.grad
+    key = ("transformer.h.{i}.mlp", 0)
+    ref = reference_site_grads(short_text, [key], answer)[key]
+    assert ref.abs().sum() > 0 and close(g, ref)
+    assert all_hooks(MODEL) == 0

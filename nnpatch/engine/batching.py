@@ -83,13 +83,20 @@ class Rows:
         When the padded length equals the batch size, a 1-D tensor of that length may be
         positions rather than rows, so it is returned whole rather than cut by coincidence.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch_size:
+        if not self.batched(x, batch_size):
             return x
         if self.start == 0 and self.stop == batch_size and not self.pad:
             return x  # the whole batch is this invoke's
-        if x.dim() == 1 and self.seq_len == batch_size:
-            return x  # [batch] or [pos]: ambiguous, so not cut
-        x = x[self.start:self.stop]
+        return self.trim(x[self.start:self.stop])
+
+    def batched(self, x, batch_size: int) -> bool:
+        """Whether `x` is a batched tensor whose rows are cut per invoke."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch_size:
+            return False
+        return not (x.dim() == 1 and self.seq_len == batch_size)  # [batch] or [pos]: ambiguous
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """This invoke's rows `x` of a batched tensor without the batch's extra left padding."""
         if self.pad:
             for dim in position_dims(x.shape, self.seq_len):
                 x = x.narrow(dim, self.pad, self.seq_len - self.pad)

@@ -38,6 +38,13 @@ class ForwardPass:
         self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
         self.thread = threading.get_ident()
         self.many = len(group) > 1
+        # With several invokes, each gets its rows of a module value as a tensor of its own (a
+        # block), and the blocks are joined when the value flows on. An invoke writing another
+        # invoke's value into its rows then edits only its own block, so the gradient of the
+        # value it copied still reaches that value. A promptless invoke sees every row: the batch
+        # stays one tensor.
+        self.split = self.many and len(given) == len(invokes)
+        self.blocks: dict[Event, dict[Invoke, list]] = {}
         self.aside_depth = 0  # > 0 while a module is called aside from the trace
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
         self.name_waiting: dict[tuple[int, str], list[Invoke]] = defaultdict(list)
@@ -150,6 +157,8 @@ class ForwardPass:
         self.current = event
         self.ticks += 1
         self.fired[event] = value
+        if self.split:
+            self._split(event, value)
         try:
             for inv, content in self.replays.pop(event, ()):
                 view = self.view(inv, event)
@@ -158,14 +167,46 @@ class ForwardPass:
             self._drain(self.waiting.pop(event, []))
         finally:
             self.current = None
+        if self.split:
+            self._merge(event)
         if self.many:  # only an invoke that waits for another one ever asks (pause_across)
-            self.flow_versions[event] = _versions(self.fired[event])
+            self.flow_versions[event] = _versions(self.handed(event))
         return self.fired[event]
+
+    def _split(self, event: Event, value) -> None:
+        leaves = _flat(value)
+        first = next(iter(self.rows.values()))
+        self.blocks[event] = {
+            inv: [t[rows.start:rows.stop].clone(memory_format=torch.contiguous_format)
+                  if first.batched(t, self.batch.size) else t for t in leaves]
+            for inv, rows in self.rows.items()}
+
+    def _merge(self, event: Event) -> None:
+        """The batched value that flows on: the invokes' blocks, with their edits, joined."""
+        blocks = self.blocks[event]
+        order = sorted(blocks, key=lambda inv: self.rows[inv].start)
+        leaves = _flat(self.fired[event])
+        first = self.rows[order[0]]
+        merged = [torch.cat([blocks[inv][j] for inv in order]) if first.batched(t, self.batch.size)
+                  else t for j, t in enumerate(leaves)]
+        self.fired[event] = _rebuild(self.fired[event], merged)
+
+    def handed(self, event: Event) -> list[torch.Tensor]:
+        """The tensors that the invokes' views of `event` are views of."""
+        if event not in self.blocks:
+            return _flat(self.fired[event])
+        found = {}
+        for leaves in self.blocks[event].values():
+            found.update((id(t), t) for t in leaves)
+        return list(found.values())
+
+    def handed_values(self) -> list[torch.Tensor]:
+        return [t for event in self.fired for t in self.handed(event)]
 
     def unchanged_since_flow(self, event: Event) -> bool:
         """Whether the batched value of `event` is as it was when it flowed on (no in-place
         edit since; conservative: an edit of any invoke's rows counts)."""
-        return event in self.flow_versions and _versions(self.fired[event]) == self.flow_versions[event]
+        return event in self.flow_versions and _versions(self.handed(event)) == self.flow_versions[event]
 
     def _finish(self) -> None:
         """After the forward pass: an invoke paused for a module that never came read modules
@@ -230,6 +271,10 @@ class ForwardPass:
     def view(self, inv: Invoke, event: Event):
         value = self.fired[event]
         rows = self.rows[inv]
+        if event in self.blocks:
+            own = [rows.trim(b) if rows.batched(t, self.batch.size) else b
+                   for t, b in zip(_flat(value), self.blocks[event][inv])]
+            return _rebuild(value, own)
         narrow = lambda t: rows.narrow(t, self.batch.size)  # noqa: E731
         if event[1] == "input":
             args, kwargs = value
@@ -302,6 +347,19 @@ def _restore(view, content) -> None:
     elif isinstance(view, dict) and isinstance(content, dict):
         for k in view.keys() & content.keys():
             _restore(view[k], content[k])
+
+
+def _flat(value) -> list:
+    """The tensors of a (nested) value, in `map_tensors` order."""
+    found = []
+    map_tensors(lambda t: found.append(t) or t, value)
+    return found
+
+
+def _rebuild(value, tensors: list):
+    """`value` with its tensors replaced, in order, by `tensors`."""
+    it = iter(tensors)
+    return map_tensors(lambda t: next(it), value)
 
 
 def _versions(value) -> tuple:

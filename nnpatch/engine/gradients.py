@@ -52,7 +52,7 @@ class BackwardContext:
                 "backward() needs a tensor computed from module values of this trace's forward "
                 f"pass; got {type(value).__name__}" + _no_grad_hint(value))
         self.inv, self.value, self.gradient = inv, value, gradient
-        self.bases: list[torch.Tensor] = _bases(inv.pass_.fired.values())
+        self.bases: list[torch.Tensor] = _bases(inv.pass_.handed_values())
         self.grads: dict[int, torch.Tensor | None] = {}
         self.derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.edits: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
@@ -171,7 +171,7 @@ class BackwardContext:
             return self.grads[id(t)]
         if base is not None:
             g = self.grads[id(base)]
-            return None if g is None else g.as_strided(t.size(), t.stride(), t.storage_offset())
+            return None if g is None else _part(g, base, t)
         if t in self.derived:
             return self.derived[t]
         if not t.requires_grad:
@@ -197,7 +197,7 @@ class BackwardContext:
         if base is None:
             self.edits.append((t, None, g))
         else:
-            region = None if base is t else (t.size(), t.stride(), t.storage_offset())
+            region = None if base is t else (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
             self.edits.append((base, region, g))
         self.dirty = True
         self.leaf_grads = None
@@ -205,7 +205,18 @@ class BackwardContext:
             t.grad = g.detach()
 
 
+def _part(g: torch.Tensor, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient of `t`, a view of `base`, read from `base`'s gradient `g`. Autograd may hand
+    `g` out as a view into a larger buffer (the gradient of one block of a concatenation), so
+    the view is taken relative to where `g` starts, with `g` laid out as `base` is."""
+    if g.stride() != base.stride():
+        g = torch.empty_strided(base.size(), base.stride(), dtype=g.dtype, device=g.device).copy_(g)
+    return g.as_strided(t.size(), t.stride(), g.storage_offset() + t.storage_offset() - base.storage_offset())
+
+
 def _replacer(region, g: torch.Tensor):
+    """A tensor hook replacing the gradient (or the part of it at `region`: size, stride and
+    offset relative to the tensor's own start, in its contiguous layout) with `g`."""
     def hook(grad):
         if region is None:
             return g.to(grad.dtype).expand_as(grad).clone()
