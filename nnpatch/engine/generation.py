@@ -166,15 +166,16 @@ class Steps:
         chosen = self._indices(generation.limit)
         previous = (clock.pinned, dict(clock.offsets))
         try:
-            step = chosen[0] if chosen else 0
-            i = 0
+            i, step = 0, self.start
             while chosen is None or i < len(chosen):
                 if chosen is not None:
                     step = chosen[i]
-                if not generation.reach_step(inv, step, self.written):
-                    return  # generation stopped before this step: the loop is over
+                # Moving on first: an invoke waiting for this one's variables of the step it
+                # just finished takes them now, while the model is still at that step.
                 clock.pin(step)
                 generation.advanced(inv)
+                if not generation.reach_step(inv, step, self.written):
+                    return  # generation stopped before this step: the loop is over
                 yield step
                 i, step = i + 1, step + 1
         finally:
