@@ -419,7 +419,7 @@ def test_the_bundled_ioi_model(ioi):
         return h
     with ioi.generate(p, **kw) as tracer:
         for step in tracer.all():
-            ioi.transformer.h[1].output[0][-1] -= 2 * mary
+            ioi.transformer.h[1].output[:, -1] -= 2 * mary
         ids = tracer.result.save()
     want, _, _ = reference(ioi.module, tok, [p], edit=steer, **kw)
     assert torch.equal(ids, want)

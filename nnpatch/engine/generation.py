@@ -45,8 +45,8 @@ class GenerationTracer(Tracer):
         ...                     max_new_tokens=3, do_sample=False) as tracer:
         ...     hidden = []
         ...     for step in tracer.all():
-        ...         model.transformer.h[1].output[0][:, -1] += steer    # every step
-        ...         hidden.append(model.transformer.h[1].output[0][:, -1].save())
+        ...         model.transformer.h[1].output[:, -1] += steer    # every step
+        ...         hidden.append(model.transformer.h[1].output[:, -1].save())
         ...     ids = model.generator.output.save()
         >>> len(hidden), tuple(ids.shape)
         (3, (1, 18))
