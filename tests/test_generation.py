@@ -10,6 +10,8 @@ one-token prompts, equal prompts, max_new_tokens=1, GPT-2 and Llama configs and 
 model; and the errors (iter on a plain trace, a step beyond max_new_tokens, next() past the end),
 after which the model has no hooks and computes what it did before.
 """
+import pathlib
+import re
 import warnings
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from conftest import all_hooks, blocks, gpt2, llama, prompt, word_tokenizer
 
 import nnpatch
+from nnpatch.engine import compile_source
 from nnpatch.errors import NNPatchError
 
 LAYER = 1
@@ -499,3 +502,15 @@ def test_beams_are_refused(pair):
     with pytest.raises(ValueError, match="num_beams=2"):
         model.generate(prompt(3), max_new_tokens=2, num_beams=2)
     assert all_hooks(hf) == 0
+
+
+# -- the documentation's examples run -------------------------------------------------------------------
+
+def test_docs_generation_page_runs():
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "generation.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    for i, block in enumerate(blocks):  # each block asserts what it shows
+        exec(compile_source(block, f"<generation.md block {i}>"), namespace)
+    assert all_hooks(namespace["model"].module) == 0

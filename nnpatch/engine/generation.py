@@ -49,7 +49,7 @@ class GenerationTracer(Tracer):
         ...         hidden.append(model.transformer.h[1].output[:, -1].save())
         ...     ids = model.generator.output.save()
         >>> len(hidden), tuple(ids.shape)
-        (3, (1, 18))
+        (3, (1, 17))
     """
 
     def __init__(self, model, inputs: tuple, kwargs: dict):
