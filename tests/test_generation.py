@@ -179,6 +179,23 @@ def test_the_default_first_step_edit_equals_iter_zero(pair):
     assert torch.equal(a, b)
 
 
+def test_the_model_input_and_output_at_every_step(pair):
+    model, hf = pair
+    p = prompt(5, 6, 7)
+    kw = dict(max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    with model.generate(p, **kw) as tracer:
+        fed, logits = [], []
+        for step in tracer.all():
+            fed.append(model.inputs[1]["input_ids"].save())
+            logits.append(model.output.logits[:, -1].save())
+        ids = model.generator.output.save()
+    assert [f.tolist() for f in fed] == [ids[:, :3].tolist(), ids[:, 3:4].tolist(), ids[:, 4:5].tolist()]
+    for k, l in enumerate(logits):  # greedy: each step's logits choose the next token
+        assert int(l.argmax(-1)) == int(ids[0, 3 + k])
+    with torch.no_grad():
+        close(logits[0], hf(ids[:, :3]).logits[:, -1])
+
+
 def test_iter_selections_and_the_with_form(pair):
     model, hf = pair
     p = prompt(5, 6, 7, 8, 9)
@@ -454,6 +471,9 @@ def test_iter_on_a_plain_trace_is_an_error(pair):
     with pytest.raises(NNPatchError, match=r"\.next\(\).*model.generate"):
         with model.trace(p):
             layer(model).next()
+    with pytest.raises(NNPatchError, match=r"model.generator.output is what a generation produced"):
+        with model.trace(p):
+            model.generator.output
     _untouched(model, hf, p)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import NNPatchError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from .batching import Rows, map_tensors
+from .envoy import Envoy
 from .forward import ForwardPass, _fresh
 from .hooks import attach, remove_all
 from .invoke import Invoke, current_invoke, deadlock_error, event_name
@@ -246,7 +247,7 @@ class GenerationPass(ForwardPass):
                                                          "pad_token_id", None) is None:
             kwargs["pad_token_id"] = model._pad_id()
         device = model.device
-        counter = hf.register_forward_pre_hook(self._step_begins, prepend=True)
+        counter = hf.register_forward_pre_hook(self._step_begins, prepend=True, with_kwargs=True)
         try:
             ids = hf.generate(input_ids=self.ids.to(device), attention_mask=self.mask.to(device), **kwargs)
         finally:
@@ -257,14 +258,21 @@ class GenerationPass(ForwardPass):
         self.made = self.step + 1
         self.output = self.tracer._generator(ids)  # [batch, prompt + new]; hooks hand it out
 
-    def _step_begins(self, module, args):
+    def _step_begins(self, module, args, kwargs):
         if self.aside_depth or threading.get_ident() != self.thread:
             return None
         self.step += 1
         now = [inv for inv, s in self.step_waiting if s == self.step]
-        if now:
-            self.step_waiting = [(inv, s) for inv, s in self.step_waiting if s != self.step]
-            self._drain(now)
+        if not now:
+            return None
+        self.step_waiting = [(inv, s) for inv, s in self.step_waiting if s != self.step]
+        root_input = ("", "input")
+        hooked = root_input in self.handles
+        self._drain(now)
+        if not hooked and root_input in self.handles:
+            # The loops just resumed read the model's own input, whose hook came too late for
+            # this call (PyTorch took the list of pre-hooks when the call began): serve it here.
+            return self._step_hook(root_input)(module, args, kwargs)
         return None
 
     def reach_step(self, inv: Invoke, step: int, written: str) -> bool:
@@ -358,6 +366,18 @@ class Generator(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return ids
+
+
+class GeneratorEnvoy(Envoy):
+    """The envoy of `model.generator`, whose output exists only in a generation."""
+
+    def _read(self, kind: str):
+        if self._invoke().steps is None:
+            raise NNPatchError(
+                f"model.generator.{kind} is what a generation produced, but this trace is one forward "
+                "pass (model.trace); open `with model.generate(prompt, max_new_tokens=N):` to read "
+                "the generated ids, or read model.lm_head.output here")
+        return super()._read(kind)
 
 
 def generate(model, inputs: tuple, kwargs: dict) -> GenerationTracer:

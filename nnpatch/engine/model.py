@@ -166,7 +166,8 @@ class LanguageModel(Model):
         tokens) of the invoke that reads it."""
         envoy = self.__dict__.get("_generator_envoy")
         if envoy is None:
-            envoy = self.__dict__["_generator_envoy"] = Envoy(generation.Generator(), generation.GENERATOR, self)
+            envoy = generation.GeneratorEnvoy(generation.Generator(), generation.GENERATOR, self)
+            self.__dict__["_generator_envoy"] = envoy
         return envoy
 
     def _prepare(self, invokes):
