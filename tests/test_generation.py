@@ -313,11 +313,11 @@ def test_cross_invoke_sync_per_step_without_barriers(pair):
     with model.generate(**kw) as tracer:  # the consumer written first
         with tracer.invoke(b):
             for step in tracer.all():
-                hidden(layer(model))[:, -1] = src2
+                hidden(layer(model))[:, -1] = src2  # noqa: F821 - assigned by the next invoke
             ids_b2 = model.generator.output.save()
         with tracer.invoke(a):
             for step in tracer.all():
-                src2 = hidden(layer(model))[:, -1]
+                src2 = hidden(layer(model))[:, -1]  # noqa: F841 - read by the first invoke
     assert torch.equal(ids_b2, want)
 
 
@@ -514,6 +514,30 @@ def test_an_error_at_a_later_step_leaves_no_hooks(pair):
             for step in tracer.all():
                 if step == 2:
                     layer(model).output = torch.zeros(5, 5, 5)
+    _untouched(model, hf, p)
+
+
+def test_an_interrupt_inside_generate_leaves_no_hooks(pair):
+    """Ctrl-C (here from a streamer, at the third token) while invokes wait at later steps."""
+    model, hf = pair
+    p = prompt(3, 4)
+
+    class Interrupt:
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+    with pytest.raises(KeyboardInterrupt):
+        with model.generate(p, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                            streamer=Interrupt()) as tracer:
+            for step in tracer.all():
+                hidden(layer(model))[:, -1] += 1.0
     _untouched(model, hf, p)
 
 

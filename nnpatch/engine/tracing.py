@@ -20,7 +20,7 @@ import sys
 import types
 from typing import Any
 
-from ..errors import NNPatchError, NNPatchTypeError
+from ..errors import NNPatchAttributeError, NNPatchError, NNPatchTypeError
 from . import gradients, source, tracebacks
 from .forward import ForwardPass
 from .hooks import exclusive
@@ -108,7 +108,7 @@ class Tracer:
     @property
     def iter(self):
         """Step loops exist only in a generation (`model.generate(...)`)."""
-        raise NNPatchError(
+        raise NNPatchAttributeError(  # an AttributeError: hasattr(tracer, "iter") is False
             "tracer.iter selects generation steps, but this trace is one forward pass "
             "(model.trace); open `with model.generate(prompt, max_new_tokens=N) as tracer:` and "
             "loop `for step in tracer.iter[...]:` inside it")
