@@ -541,6 +541,37 @@ def test_an_interrupt_inside_generate_leaves_no_hooks(pair):
     _untouched(model, hf, p)
 
 
+def test_gradients_are_refused(pair):
+    model, hf = pair
+    p = prompt(3, 4)
+    with pytest.raises(NNPatchError, match="runs without autograd"):
+        with model.generate(p, max_new_tokens=2):
+            h = hidden(layer(model))
+            model.lm_head.output.sum().backward()
+            g = h.grad  # noqa: F841
+    _untouched(model, hf, p)
+
+
+def test_token_ids_and_the_batch_result(pair):
+    """Token ids (a tensor, or input_ids= with a mask) as inputs; after the block tracer.result
+    is the whole left-padded batch, inside each invoke its own rows."""
+    model, hf = pair
+    a = torch.tensor([[5, 6, 7, 8]])
+    b = torch.tensor([[9, 10]])
+    kw = dict(max_new_tokens=2, do_sample=False, min_new_tokens=2)
+    with model.generate(**kw) as tracer:
+        with tracer.invoke(a):
+            ids_a = tracer.result
+        with tracer.invoke(input_ids=b, attention_mask=torch.ones_like(b)):
+            ids_b = model.generator.output
+    whole = tracer.result
+    # (padded to 5, not 4: a padded width equal to the head count, 4, is avoided on purpose)
+    assert whole.shape[0] == 2 and torch.equal(whole[0, -6:], ids_a[0]) and torch.equal(whole[1, -4:], ids_b[0])
+    assert ids_a.shape == (1, 6) and ids_b.shape == (1, 4)
+    assert torch.equal(ids_a, hf.generate(a, attention_mask=torch.ones_like(a), pad_token_id=0, **kw))
+    assert torch.equal(ids_b, hf.generate(b, attention_mask=torch.ones_like(b), pad_token_id=0, **kw))
+
+
 def test_beams_are_refused(pair):
     model, hf = pair
     with pytest.raises(ValueError, match="num_beams=2"):

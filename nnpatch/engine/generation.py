@@ -86,6 +86,11 @@ class GenerationTracer(Tracer):
 
     def _run_passes(self, group: list[Invoke], todo: list[Invoke]) -> None:
         try:
+            if self._program.uses_grad:
+                raise NNPatchError(
+                    "this generation's body takes gradients (.grad / .backward()), but Hugging "
+                    "Face's generate runs without autograd; take gradients in a model.trace(...) "
+                    "of the generated ids instead")
             generation = GenerationPass(self, group, todo)
             generation.run()
             self.output = generation.output
