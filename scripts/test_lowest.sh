@@ -28,4 +28,4 @@ exec "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_engine.py tests/test_engine_calls.py tests/test_gradients.py tests/test_inputs.py \
   tests/test_layers.py tests/test_sweep.py tests/test_sweep_archs.py tests/test_sweep_attribution.py \
   tests/test_result.py tests/test_models.py tests/test_forum_threads.py tests/test_clean_output.py \
-  tests/test_workbench_controller.py tests/test_cli.py
+  tests/test_workbench_controller.py tests/test_cli.py tests/test_generation.py

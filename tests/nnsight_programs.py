@@ -2670,9 +2670,7 @@ def invokes_empty_invoke_sees_whole_batch(model, S):
     return {"a": a, "b": b, "every": every}
 
 
-@program(xfail="nnpatch has no traced generation: model.generate falls through to the Hugging Face "
-               "module's own generate, which fails on a prompt string (AttributeError 'str' object "
-               "has no attribute 'shape'); nnsight's model.generate(prompt, max_new_tokens=3) traces it")
+@program()
 def generate_three_tokens(model, S):
     with model.generate(S.A, max_new_tokens=3, do_sample=False):
         tokens = model.generator.output.save()
@@ -2757,3 +2755,7 @@ def nobarrier_late_into_early_with_gradient(model, S):
                 g = h.grad.save()
             last = logits[:, -1].save()
     return {"g": g, "logits": last}
+
+
+# The generation programs (model.generate, tracer.iter / all) live in their own file.
+import nnsight_programs_generation  # noqa: E402,F401 - registers its programs in PROGRAMS

@@ -106,6 +106,34 @@ def test_trace_invokes_patch_between_runs(shell, hf):
     assert torch.allclose(shell.user_ns["patched"], expected, atol=1e-4)
 
 
+def test_trace_generate_is_a_generation(shell, hf):
+    ok(shell, "%%trace model --generate 3 p\n"
+              "last = []\n"
+              "for step in tracer.all():\n"
+              "    model.transformer.h[1].output[:, -1] += 1.0\n"
+              "    last.append(model.transformer.h[1].output[:, -1])\n"
+              "ids = model.generator.output\n")
+    seen = []
+
+    def steer(module, args, out):
+        out = out.clone()
+        out[:, -1] += 1.0
+        seen.append(out[:, -1].clone())
+        return out
+    handle = hf.transformer.h[1].register_forward_hook(steer)
+    try:
+        want = hf.generate(**word_tokenizer()(CLEAN, return_tensors="pt"), max_new_tokens=3, pad_token_id=0)
+    finally:
+        handle.remove()
+    ns = shell.user_ns
+    assert torch.equal(ns["ids"], want)
+    assert len(ns["last"]) == len(seen) == want.shape[1] - 4
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ns["last"], seen))
+    assert all_hooks(hf) == 0
+    with pytest.raises(UsageError, match="--generate takes the number of new tokens"):
+        shell.run_cell_magic("trace", "model --generate 0 p", "x = 1\n")
+
+
 def test_trace_error_shows_the_cell_line_and_no_engine_frames(shell, hf):
     result, out = run(shell, "%%trace model p\n"
                              "h = model.transformer.h[1].output\n"

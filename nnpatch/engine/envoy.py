@@ -81,6 +81,18 @@ class Envoy:
         with inv.pass_.aside():
             return self._module(*args, **kwargs)
 
+    def next(self, n: int = 1) -> "Envoy":
+        """In a generation, move this invoke's reads of this module to its next call (the
+        next step) and return the module: `model.transformer.h[0].next().output`."""
+        inv = self._invoke()
+        if inv.steps is None:
+            raise NNPatchError(
+                f"{self._path or 'model'}.next() moves to the module's next call in a generation, "
+                "but this is a single forward pass (model.trace); open `with model.generate(prompt, "
+                "max_new_tokens=N):` to read later steps")
+        inv.steps.advance(self._path or "model", self._path, n)
+        return self
+
     def __len__(self) -> int:
         return len(self._module)
 
@@ -100,15 +112,16 @@ class Envoy:
     @property
     def output(self):
         """What this module returned, for the current invoke."""
-        return self._read((self._path, "output"))
+        return self._read("output")
 
     @property
     def inputs(self):
         """(args, kwargs) this module was called with, for the current invoke."""
-        return self._read((self._path, "input"))
+        return self._read("input")
 
-    def _read(self, event):
+    def _read(self, kind: str):
         inv = self._invoke()
+        event = inv.at(self._path, kind)
         if self._of is None or self._of is inv:
             return inv.value(event)
         return inv.value_of(self._of, event)
@@ -134,14 +147,14 @@ class Envoy:
                 f"{self._path or 'model'}.{name} of another invoke is read-only here; set it on "
                 "the model inside that invoke, or copy its value into this invoke's module")
         if name == "output":
-            inv.set_value((self._path, "output"), value)
+            inv.set_value(inv.at(self._path, "output"), value)
         elif name == "input":
             args, kwargs = self.inputs
             slot = self._input_slot(args, kwargs)
             if read_input(args, kwargs, slot) is not value:
-                inv.set_value((self._path, "input"), with_input(args, kwargs, slot, value))
+                inv.set_value(inv.at(self._path, "input"), with_input(args, kwargs, slot, value))
         elif name == "inputs":
-            inv.set_value((self._path, "input"), value)
+            inv.set_value(inv.at(self._path, "input"), value)
         else:
             raise NNPatchAttributeError(
                 f"cannot set {name!r} on {self._path or 'the model'}: only .output, .input and "

@@ -72,14 +72,17 @@ class ForwardPass:
                 else:
                     self._continue(inv, rows)
             self._drain()
-            if any(not inv.done for inv in self.invokes):
-                self.output = self.model._forward(self.batch)
+            self._run_model()
             self._drain()
         finally:
             remove_all([*self.sentinels.values(), *self.handles.values()])
             self.handles.clear()
             self.sentinels.clear()
         self._finish()
+
+    def _run_model(self) -> None:
+        if any(not inv.done for inv in self.invokes):
+            self.output = self.model._forward(self.batch)
 
     def _outer(self):
         return self.tracer._outer_namespace
@@ -109,7 +112,7 @@ class ForwardPass:
 
     def _hook(self, event: Event) -> None:
         if event not in self.handles:
-            path, kind = event
+            path, kind = event[0], event[1]
             module = self.model._resolve(path)
             hook = self._input_hook(event) if kind == "input" else self._output_hook(event)
             self.handles[event] = attach(module, kind, hook)

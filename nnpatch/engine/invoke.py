@@ -24,7 +24,7 @@ from ..errors import NNPatchError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .source import InvokeBody
 
-Event = tuple[str, str]  # (module path, "input" | "output")
+Event = tuple  # (module path, "input" | "output"), and the step in a generation
 
 
 class Invoke:
@@ -33,6 +33,7 @@ class Invoke:
     def __init__(self, tracer, body: InvokeBody, spec, index: int):
         self.tracer, self.body, self.spec, self.index = tracer, body, spec, index
         self.bound: dict[str, Any] = {}  # trace-level names as they were where the invoke is written
+        self.steps = None  # in a generation, which step its reads bind to (generation.StepClock)
         self.reset()
 
     def reset(self) -> None:
@@ -122,6 +123,10 @@ class Invoke:
         self.backward = self.pass_ = self.home = self.rows = None
 
     # -- module values ---------------------------------------------------------------------------
+    def at(self, path: str, kind: str) -> Event:
+        """The event a read of `path`.`kind` means now: in a generation, at this invoke's step."""
+        return (path, kind) if self.steps is None else self.steps.at(path, kind)
+
     def value(self, event: Event):
         """This invoke's view of a module value, waiting for the forward pass to reach it."""
         if event in self.cache and not (self.stale and event == self.live):
@@ -202,7 +207,7 @@ class Invoke:
             met = reader.met.get(self.index)
             if met is not None and name in met:
                 return met[name]
-            if self.done or name in self.final:
+            if self.done or name in self.final or _step_ahead(self, reader):
                 ns = self.namespace
                 return dict.__getitem__(ns, name) if ns is not None and dict.__contains__(ns, name) else _MISSING
             reader.pass_.wait_name(reader, self, name)
@@ -295,10 +300,17 @@ class InvokeNamespace(dict):
         return self._outer.lookup(name)
 
     def own(self) -> dict:
-        return {k: v for k, v in self.items() if k != "__builtins__"}
+        return {k: v for k, v in self.items() if k != "__builtins__" and not k.startswith("__nnpatch_")}
 
 
 _MISSING = object()
+
+
+def _step_ahead(producer: Invoke, reader: Invoke) -> bool:
+    """In a generation, a producer whose step loop has moved past the reader's step holds the
+    value it assigned at that step: the reader takes it then (synchronized per step)."""
+    return (producer.steps is not None and reader.steps is not None
+            and producer.steps.pinned > reader.steps.pinned)
 
 
 # -- grad mode and autocast, per invoke -----------------------------------------------------------
@@ -341,8 +353,9 @@ def _set_torch_state(state: tuple | None, now: tuple) -> None:
 def event_name(event: Event | None) -> str:
     if event is None:
         return "the start of the invoke"
-    path, kind = event
-    return f"{path or 'model'}.{kind}" if path else f"model.{kind}"
+    path, kind = event[0], event[1]
+    name = f"{path or 'model'}.{kind}" if path else f"model.{kind}"
+    return name if len(event) < 3 else f"{name} (generation step {event[2]})"
 
 
 def out_of_order(event: Event, before: Event | None) -> NNPatchError:

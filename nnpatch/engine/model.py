@@ -23,6 +23,7 @@ import torch
 from .. import bundled
 from ..errors import NNPatchTypeError, NNPatchValueError
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
+from . import generation
 from .envoy import Envoy
 from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
 from .tracing import Tracer
@@ -150,6 +151,24 @@ class LanguageModel(Model):
             module, tokenizer = _load(str(name_or_path_or_module), tokenizer, from_pretrained_kwargs)
         super().__init__(module)
         object.__setattr__(self, "tokenizer", tokenizer)
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> generation.GenerationTracer:
+        """Open a trace of a whole generation: `with model.generate(prompt, max_new_tokens=N)
+        as tracer:`. Keywords other than input_ids / attention_mask go to Hugging Face's
+        `generate` (do_sample, temperature, streamer, ...). Reads bind to the first step unless
+        written in `for step in tracer.iter[...]:` or `tracer.all()`; `model.generator.output`
+        is the generated ids. See `nnpatch.engine.generation` and docs/generation.md."""
+        return generation.generate(self, inputs, kwargs)
+
+    @property
+    def generator(self) -> Envoy:
+        """In a generation, `model.generator.output` is the generated ids (prompt and new
+        tokens) of the invoke that reads it."""
+        envoy = self.__dict__.get("_generator_envoy")
+        if envoy is None:
+            envoy = generation.GeneratorEnvoy(generation.Generator(), generation.GENERATOR, self)
+            self.__dict__["_generator_envoy"] = envoy
+        return envoy
 
     def _prepare(self, invokes):
         """One forward call for the invokes' prompts; each invoke's input is checked against the

@@ -201,7 +201,7 @@ def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
             continue
         for item in node.items:
             expr = item.context_expr
-            if expr.lineno <= lineno <= (expr.end_lineno or expr.lineno) and _is_call_to(expr, "trace"):
+            if expr.lineno <= lineno <= (expr.end_lineno or expr.lineno) and _opens_trace(expr):
                 if best is None or node.lineno >= best.lineno:
                     best = node
     if best is None:
@@ -220,6 +220,21 @@ def _is_call_to(expr: ast.expr, name: str) -> bool:
             and expr.func.attr == name)
 
 
+def _opens_trace(expr: ast.expr) -> bool:
+    """`model.trace(...)`, or `model.generate(...)` (a trace of a whole generation)."""
+    return _is_call_to(expr, "trace") or _is_call_to(expr, "generate")
+
+
+def _steps_with(node: ast.With) -> bool:
+    """`with tracer.iter[...]:` or `with tracer.all():`, the block form of a step loop."""
+    if len(node.items) != 1:
+        return False
+    expr = node.items[0].context_expr
+    return ((isinstance(expr, ast.Subscript) and isinstance(expr.value, ast.Attribute)
+             and expr.value.attr == "iter")
+            or (_is_call_to(expr, "all") and not expr.args and not expr.keywords))
+
+
 # -- compiling --------------------------------------------------------------------------------
 
 def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: str | None) -> TraceProgram:
@@ -228,7 +243,7 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: 
     body = [_Rewriter().visit(stmt) for stmt in node.body]
     if owner is not None and owner.strip("_"):
         body = [_Mangler(owner).visit(stmt) for stmt in body]
-    target = next((item.optional_vars for item in node.items if _is_call_to(item.context_expr, "trace")), None)
+    target = next((item.optional_vars for item in node.items if _opens_trace(item.context_expr)), None)
     declared = {name for stmt in body for n in _walk_scope(stmt) if isinstance(n, ast.Global) for name in n.names}
     program = TraceProgram(code=None, uses_grad=uses_grad,  # type: ignore[arg-type]
                            target=target.id if isinstance(target, ast.Name) else None,
@@ -415,6 +430,17 @@ def _uses_grad(stmt: ast.stmt) -> bool:
 
 class _Rewriter(ast.NodeTransformer):
     """`.save()`, `.backward()`, `.grad` and `.grad = g` become calls into nnpatch."""
+
+    def visit_With(self, node):
+        """`with tracer.iter[...] as step:` runs its block once per step: it is the loop
+        `for step in tracer.iter[...]:` (nnsight's older spelling of the same thing)."""
+        self.generic_visit(node)
+        if not _steps_with(node):
+            return node
+        item = node.items[0]
+        target = item.optional_vars or ast.Name("__nnpatch_step__", ast.Store())
+        loop = ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[])
+        return ast.copy_location(loop, node)
 
     def visit_Call(self, node):
         self.generic_visit(node)

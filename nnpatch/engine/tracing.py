@@ -20,7 +20,7 @@ import sys
 import types
 from typing import Any
 
-from ..errors import NNPatchError, NNPatchTypeError
+from ..errors import NNPatchAttributeError, NNPatchError, NNPatchTypeError
 from . import gradients, source, tracebacks
 from .forward import ForwardPass
 from .hooks import exclusive
@@ -104,6 +104,21 @@ class Tracer:
         once that invoke has assigned it for the last time); a barrier, where one is written,
         says where two invokes meet instead."""
         return Barrier(n)
+
+    @property
+    def iter(self):
+        """Step loops exist only in a generation (`model.generate(...)`)."""
+        raise NNPatchAttributeError(  # an AttributeError: hasattr(tracer, "iter") is False
+            "tracer.iter selects generation steps, but this trace is one forward pass "
+            "(model.trace); open `with model.generate(prompt, max_new_tokens=N) as tracer:` and "
+            "loop `for step in tracer.iter[...]:` inside it")
+
+    def all(self):
+        """Step loops exist only in a generation (`model.generate(...)`)."""
+        raise NNPatchError(
+            "tracer.all() loops over generation steps, but this trace is one forward pass "
+            "(model.trace); open `with model.generate(prompt, max_new_tokens=N) as tracer:` and "
+            "loop `for step in tracer.all():` inside it")
 
     # -- called by the compiled trace body -----------------------------------------------------
     def _invoke(self, spec: "InvokeInputs | None", index: int) -> Invoke:
@@ -195,7 +210,7 @@ class TraceNamespace(dict):
         return self._globals[name]  # KeyError lets Python try builtins, then raise NameError
 
     def assigned(self) -> dict:
-        return {k: v for k, v in self.items() if k != "__builtins__"}
+        return {k: v for k, v in self.items() if k != "__builtins__" and not k.startswith("__nnpatch_")}
 
 
 # -- helpers visible to the compiled code -----------------------------------------------------------

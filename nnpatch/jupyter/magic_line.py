@@ -31,10 +31,22 @@ class Parser(argparse.ArgumentParser):
 
 
 def _trace_parser() -> Parser:
-    p = Parser("%%trace", "%%trace MODEL [INPUT ...]")
+    p = Parser("%%trace", "%%trace MODEL [--generate N] [INPUT ...]")
     p.add_argument("model")
+    p.add_argument("--generate", type=_new_tokens, metavar="N")
     p.add_argument("inputs", nargs="*")
     return p
+
+
+def _new_tokens(text: str) -> int:
+    """--generate N: how many tokens to generate, a positive integer."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--generate takes the number of new tokens (1 or more), got {text!r}")
+    return n
 
 
 def _pair_options(p: Parser) -> Parser:
@@ -87,7 +99,7 @@ TRACE, PATCH, SWEEP = _trace_parser(), _patch_parser(), _sweep_parser()
 
 
 def parse(parser: Parser, line: str) -> argparse.Namespace:
-    return parser.parse_args(words(line))
+    return parser.parse_intermixed_args(words(line))
 
 
 def words(line: str) -> list[str]:

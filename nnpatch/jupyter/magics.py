@@ -60,7 +60,7 @@ class PatchingMagics(Magics):
     @cell_magic
     @no_var_expand
     def trace(self, line: str, cell: str):
-        """%%trace MODEL [INPUT ...]: the cell is the body of a trace on MODEL.
+        """%%trace MODEL [--generate N] [INPUT ...]: the cell is the body of a trace on MODEL.
 
         With INPUT expressions the body is one invoke on them; without, it holds
         `with tracer.invoke(...)` blocks (`tracer` is bound). The cell runs as
@@ -68,10 +68,17 @@ class PatchingMagics(Magics):
             with MODEL.trace(INPUT, ...) as tracer:
                 <cell>
 
-        in the notebook namespace, so every variable it assigns lands there:
+        in the notebook namespace, so every variable it assigns lands there. With `--generate N`
+        the cell is the body of `with MODEL.generate(INPUT, ..., max_new_tokens=N) as tracer:`
+        (a generation; loop `for step in tracer.all():` to act at every step):
 
             %%trace model "When Mary and John went to the store, John gave a drink to"
             hidden = model.transformer.h[1].output[:, -1]
+
+            %%trace model --generate 5 "When Mary and John went to the store, John gave a drink to"
+            for step in tracer.all():
+                model.transformer.h[1].output[:, -1] += steering
+            ids = model.generator.output
 
             %%trace model
             with tracer.invoke(clean_prompt) as clean:
@@ -84,7 +91,11 @@ class PatchingMagics(Magics):
         args = parse(TRACE, line)
         self._model(args.model)
         code = body(cell, "%%trace")
-        source = f"with {args.model}.trace({', '.join(args.inputs)}) as tracer:\n" + indent(code, 1)
+        if args.generate is None:
+            opened = f"{args.model}.trace({', '.join(args.inputs)})"
+        else:
+            opened = f"{args.model}.generate({''.join(a + ', ' for a in args.inputs)}max_new_tokens={args.generate})"
+        source = f"with {opened} as tracer:\n" + indent(code, 1)
         # The `with` line stands where the magic line was, so the cell's lines keep their numbers
         # and IPython can label them as the cell's own ("Cell In[5], line 3").
         self._run(source, self.shell.compile.cache(source, self.shell.execution_count, raw_code=source))
