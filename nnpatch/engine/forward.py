@@ -272,17 +272,17 @@ class ForwardPass:
 
     # -- what an invoke sees ---------------------------------------------------------------------
     def view(self, inv: Invoke, event: Event):
+        return self.view_rows(inv, event, self.rows[inv])
+
+    def view_rows(self, inv: Invoke, event: Event, rows: Rows):
+        """`inv`'s part of the value at `event`, cut as `rows` says (its own block, when the
+        pass gives each invoke one)."""
         value = self.fired[event]
-        rows = self.rows[inv]
         if event in self.blocks:
             own = [rows.trim(b) if rows.batched(t, self.batch.size) else b
                    for t, b in zip(_flat(value), self.blocks[event][inv])]
             return _rebuild(value, own)
-        narrow = lambda t: rows.narrow(t, self.batch.size)  # noqa: E731
-        if event[1] == "input":
-            args, kwargs = value
-            return map_tensors(narrow, (args, kwargs))
-        return map_tensors(narrow, value)
+        return map_tensors(lambda t: rows.narrow(t, self.batch.size), value)
 
     def write(self, inv: Invoke, event: Event, current, new) -> None:
         """Write `new` into this invoke's rows of the batched value at `event`."""

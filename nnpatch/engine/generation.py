@@ -334,8 +334,7 @@ class GenerationPass(ForwardPass):
             rows = Rows(rows.start, rows.stop, rows.pad, total)
         elif event[2] > 0:
             rows = Rows(rows.start, rows.stop)
-        narrow = lambda t: rows.narrow(t, self.batch.size)  # noqa: E731
-        return map_tensors(narrow, self.fired[event])
+        return self.view_rows(inv, event, rows)
 
     def _finish(self) -> None:
         for inv in self.invokes:
