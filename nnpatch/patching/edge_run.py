@@ -1,0 +1,231 @@
+"""One batched forward pass with the receivers of the circuit graph reading rewritten inputs.
+
+Every circuit method is this one run with a different rewrite of each receiver's input `x`:
+
+  * edges patched (`evaluate_circuit`, EAP's reference): x + sum over patched edges s->r of
+    (source_s - current_s), where source is the sender's output in the corrupt run (or its mean)
+    and current its output in this very run;
+  * receivers set (`path_patching`): x replaced by a given target;
+  * zero leaves (EAP): x + leaf, whose gradient is the metric's gradient with respect to the
+    receiver's input.
+
+A head's residual output is `z_h @ W_O[h]` (z: the head's slice of the output projection's input).
+An attention receiver (head h's query, key or value) gets its own input by adding
+(norm(x + delta) - norm(x)) @ W[:, columns of h] to its columns of the projection output, so each
+head of a layer can read a different residual stream although the model normalises it once.
+The norm is called through `.forward` so that it bypasses the hooks on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.hooks import hooks, resolve
+from .graph import Graph, weight_matrix
+from .sites import Site
+
+
+@dataclass
+class Outputs:
+    """What one run's senders wrote and its receivers read (all `[b, pos, ...]`)."""
+
+    input: torch.Tensor | None = None  # [b, pos, d] the block-0 input
+    z: list = field(default_factory=list)  # per layer [b, pos, heads * head_dim]
+    mlp: list = field(default_factory=list)  # per layer [b, pos, d]
+    attn_in: list = field(default_factory=list)  # per layer [b, pos, d], attention's residual input
+    mlp_in: list = field(default_factory=list)  # per layer [b, pos, d]
+    final_in: torch.Tensor | None = None  # [b, pos, d]
+
+    def map(self, fn) -> "Outputs":
+        return Outputs(fn(self.input), [fn(t) for t in self.z], [fn(t) for t in self.mlp],
+                       [fn(t) for t in self.attn_in], [fn(t) for t in self.mlp_in], fn(self.final_in))
+
+
+class EdgeRun:
+    """The hooks of one rewritten run. Build once per model; `run` any number of times."""
+
+    def __init__(self, graph: Graph, module: torch.nn.Module):
+        self.graph, self.module = graph, module
+        g = graph
+        self.w_o = []  # per layer [heads, head_dim, d]
+        for site in g.head_sites:
+            w = weight_matrix(resolve(module, site.path))
+            if w is None:
+                raise TypeError(f"{site.path} is not a linear layer; cannot split its input into heads")
+            self.w_o.append(w.reshape(g.n_heads, g.head_dim, -1))
+        self.proj_w = [[weight_matrix(resolve(module, p.path)) for p in layer.projections] for layer in g.layers]
+        self.norms = [resolve(module, layer.attn_norm) for layer in g.layers]
+        self.attn_first = [layer.projections[0].receivers[0] if layer.projections else 0 for layer in g.layers]
+        self.n_attn = [layer.mlp - first for layer, first in zip(g.layers, self.attn_first)]
+
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Each head's residual output `[heads, b, pos, d]` from its z `[b, pos, heads * head_dim]`."""
+        g = self.graph
+        zh = z.reshape(*z.shape[:-1], g.n_heads, g.head_dim)
+        return torch.einsum("bphe,hed->hbpd", zh, self.w_o[layer].to(z.dtype))
+
+    def sender_outputs(self, out: Outputs) -> torch.Tensor:
+        """Every sender's residual output `[senders, b, pos, d]`, in graph order."""
+        parts = [out.input[None]]
+        for layer in range(self.graph.n_layers):
+            parts += [self.head_outputs(layer, out.z[layer]), out.mlp[layer][None]]
+        return torch.cat(parts)
+
+    def run(self, forward, ids: torch.Tensor, *, source: Outputs | None = None,
+            mask: torch.Tensor | None = None, targets: dict | None = None, leaves: bool = False,
+            input_value: torch.Tensor | None = None, capture: bool = False):
+        """`forward(ids)` (the model's last-position logits) with receivers rewritten.
+
+        `mask` `[receivers, senders]` or `[b, receivers, senders]` (1: the edge carries `source`'s
+        value); `targets` {receiver: [b, pos, d]} sets receivers' inputs; `leaves` adds a zero leaf
+        to every receiver; `input_value` replaces the input embedding. Returns (logits, Outputs
+        captured when `capture`, the leaves {receiver index: leaf [k, b, pos, d] or [b, pos, d]})."""
+        state = _State(self, source, mask, targets or {}, leaves, capture)
+        g = self.graph
+        specs = [(g.input_site.path, "input", state.input_hook(input_value))]
+        for layer, lr in enumerate(g.layers):
+            specs.append((g.head_sites[layer].path, g.head_sites[layer].kind, state.keep(g.head_sites[layer], "z", layer)))
+            specs.append((g.mlp_sites[layer].path, g.mlp_sites[layer].kind, state.keep(g.mlp_sites[layer], "mlp", layer)))
+            specs.append((lr.attn_norm, "input", state.attn_norm_hook(layer)))
+            for i, proj in enumerate(lr.projections):
+                specs.append((proj.path, "output", state.projection_hook(layer, i)))
+            specs.append((lr.mlp_norm, "input", state.norm_hook(layer, lr.mlp, "mlp_in")))
+        specs.append((g.final_norm, "input", state.norm_hook(g.n_layers, len(g.receivers) - 1, "final_in")))
+        with hooks(self.module, specs):
+            logits = forward(ids)
+        return logits, state.captured, state.leaves
+
+
+class _State:
+    """The values of one run as its hooks see them."""
+
+    def __init__(self, run: EdgeRun, source, mask, targets, leaves, capture):
+        self.r, self.g = run, run.graph
+        self.source, self.mask, self.targets, self.want_leaves = source, mask, targets, leaves
+        self.capture = capture
+        self.captured = Outputs() if capture else None
+        self.cur = Outputs(z=[None] * self.g.n_layers, mlp=[None] * self.g.n_layers)
+        self.diffs: list[torch.Tensor] = []  # chunks of (source - current) per sender, graph order
+        self.n_diffs = 0
+        self.attn_delta: dict[int, torch.Tensor] = {}
+        self.attn_x: dict[int, torch.Tensor] = {}
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    # -- senders ---------------------------------------------------------------------------------
+    def input_hook(self, value):
+        site = self.g.input_site
+
+        def hook(module, args, kwargs):
+            x = site.read(args, kwargs)
+            if value is not None:
+                x = value.to(x.dtype)
+            self.cur.input = x
+            if self.capture:
+                self.captured.input = x.detach()
+            if value is not None:
+                return site.with_input(args, kwargs, x)
+        return hook
+
+    def keep(self, site: Site, what: str, layer: int):
+        def hook(module, args, kwargs, output=None):
+            x = site.read(args, kwargs, output)
+            getattr(self.cur, what)[layer] = x
+            if self.capture:
+                getattr(self.captured, what).append(x.detach())
+        if site.kind == "input":
+            return lambda module, args, kwargs: hook(module, args, kwargs)
+        return hook
+
+    def _sender_diffs(self, upto: int) -> torch.Tensor:
+        """(source - current) residual outputs of senders 0..upto-1 `[upto, b, pos, d]`."""
+        while self.n_diffs < upto:
+            s = self.n_diffs
+            if s == 0:
+                chunk = (self.source.input - self.cur.input)[None]
+            else:
+                layer, k = divmod(s - 1, self.g.n_heads + 1)
+                if k < self.g.n_heads:
+                    chunk = self.r.head_outputs(layer, self.source.z[layer] - self.cur.z[layer])
+                else:
+                    chunk = (self.source.mlp[layer] - self.cur.mlp[layer])[None]
+            self.diffs.append(chunk)
+            self.n_diffs += len(chunk)
+        diffs = torch.cat(self.diffs) if len(self.diffs) > 1 else self.diffs[0]
+        return diffs[:upto]
+
+    # -- receivers -------------------------------------------------------------------------------
+    def delta(self, receivers: list[int], x: torch.Tensor) -> torch.Tensor | None:
+        """The rewrite of receivers' shared input `x` `[b, pos, d]`: `[k, b, pos, d]`, or None."""
+        out = None
+        if self.mask is not None:
+            m = self.mask[..., receivers, :]  # [(b,) k, senders]
+            live = m.reshape(-1, m.shape[-1]).any(0).nonzero()
+            if len(live):
+                upto = int(live.max()) + 1
+                d = self._sender_diffs(upto)  # [upto, b, pos, d]
+                m = m[..., :upto].to(d.dtype)
+                out = torch.einsum("brs,sbpd->rbpd" if m.dim() == 3 else "rs,sbpd->rbpd", m, d)
+        for i, r in enumerate(receivers):
+            if r in self.targets:
+                if out is None:
+                    out = torch.zeros(len(receivers), *x.shape, dtype=x.dtype, device=x.device)
+                out[i] = out[i] + (self.targets[r].to(x.dtype) - x)
+        if self.want_leaves:
+            leaf = torch.zeros(len(receivers), *x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            self.leaves[receivers[0]] = leaf
+            out = leaf if out is None else out + leaf
+        return out
+
+    def attn_norm_hook(self, layer: int):
+        site = Site(self.g.layers[layer].attn_norm, "input")
+        first, n = self.r.attn_first[layer], self.r.n_attn[layer]
+
+        def hook(module, args, kwargs):
+            x = site.read(args, kwargs)
+            if self.capture:
+                self.captured.attn_in.append(x.detach())
+            self.attn_x[layer] = x
+            d = self.delta(list(range(first, first + n)), x)
+            if d is not None:
+                self.attn_delta[layer] = d
+        return hook
+
+    def projection_hook(self, layer: int, i: int):
+        proj = self.g.layers[layer].projections[i]
+        w = self.r.proj_w[layer][i]  # [d, out]
+        first = self.r.attn_first[layer]
+        local = torch.tensor(proj.receivers) - first
+        columns = torch.stack(proj.columns)  # [k, head_dim]
+        norm = self.r.norms[layer]
+
+        def hook(module, args, kwargs, y):
+            if layer not in self.attn_delta:
+                return None
+            x = self.attn_x[layer]
+            d = self.attn_delta[layer][local.to(x.device)]  # [k, b, pos, d]
+            changed = norm.forward(x[None] + d) - norm.forward(x)[None]  # [k, b, pos, d]
+            wk = w[:, columns.to(w.device)].permute(1, 0, 2)  # [k, d, head_dim]
+            add = torch.einsum("kbpd,kde->bpke", changed.to(wk.dtype), wk)
+            cols = columns.reshape(-1).to(y.device)
+            y = y.clone()
+            y[..., cols] = y[..., cols] + add.reshape(*add.shape[:2], -1).to(y.dtype)
+            return y
+        return hook
+
+    def norm_hook(self, layer: int, receiver: int, what: str):
+        site = Site("", "input")
+
+        def hook(module, args, kwargs):
+            x = site.read(args, kwargs)
+            if self.capture:
+                val = x.detach()
+                if what == "final_in":
+                    self.captured.final_in = val
+                else:
+                    self.captured.mlp_in.append(val)
+            d = self.delta([receiver], x)
+            if d is None:
+                return None
+            return site.with_input(args, kwargs, x + d[0])
+        return hook
