@@ -18,6 +18,7 @@ __all__ = [
     "sites", "register_sites", "activation_patching", "attribution_patching", "PatchingResult",
     "Workbench", "models", "tasks", "heatmap",
     "graph", "register_graph", "path_patching", "edge_attribution", "evaluate_circuit", "smallest_circuit", "Circuit",
+    "circuit_plot",
 ]
 
 # Everything beyond the engine loads on first use, so `import nnpatch` stays light and the
@@ -38,6 +39,7 @@ _LAZY = {
     "Workbench": ("nnpatch.jupyter.workbench", "Workbench"),
     "sweep": ("nnpatch.sweep", None),
     "heatmap": ("nnpatch.jupyter.heatmap", None),
+    "circuit_plot": ("nnpatch.jupyter.circuit_plot", None),
     "models": ("nnpatch.models", None),
     "tasks": ("nnpatch.bundled.tasks", None),
 }

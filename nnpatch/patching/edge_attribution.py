@@ -11,7 +11,7 @@ moves from corrupt to clean (alpha = 1/steps, ..., 1), so `steps=1` is EAP.
     >>> model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(8, template=0)
     >>> scores = nnpatch.edge_attribution(model, pairs, method="eap-ig", steps=3)
     >>> scores.edges_table()[0]["edge"]  # the edge that matters most
-    'a3.h0->logits'
+    'input->a0.h3<v>'
 """
 from __future__ import annotations
 
