@@ -362,7 +362,7 @@ def test_bad_input_names_what_is_wrong_and_leaves_the_model_as_it_was():
 
     def fail(m, args):
         calls.append(1)
-        if len(calls) > 2:
+        if len(calls) > 1:  # the corrupt reference run, after the clean run with leaves
             raise RuntimeError("boom")
     handle = model.transformer.h[2].register_forward_pre_hook(fail)
     try:

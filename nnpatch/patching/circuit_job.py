@@ -17,7 +17,9 @@ from .runner import Runner
 
 
 class CircuitJob:
-    def __init__(self, model, clean, corrupt, answer, wrong, metric):
+    def __init__(self, model, clean, corrupt, answer, wrong, metric, *, grad: bool = False):
+        """With `grad`, the clean reference runs keep their graph and receiver leaves
+        (`self.clean_grad`: per group (logits, Leaves)) for a backward pass later."""
         self.job = Job(model, clean, corrupt, answer, wrong, metric, "resid_pre", ("layer",), "noise", None)
         self.module = self.job.module
         self.graph = Graph(self.module)
@@ -25,13 +27,18 @@ class CircuitJob:
         self.runners = [Runner(self.job, g) for g in self.job.groups]
         self.clean: list[Outputs] = []
         self.corrupt: list[Outputs] = []
-        with torch.no_grad():
-            for runner in self.runners:
-                clean_logits, clean_out, _ = self.edges.run(self.forward(runner), runner.group.clean, capture=True)
+        self.clean_grad: list = []
+        for runner in self.runners:
+            with torch.enable_grad() if grad else torch.no_grad():
+                clean_logits, clean_out, leaves = self.edges.run(self.forward(runner), runner.group.clean,
+                                                                 capture=True, leaves=grad)
+            if grad:
+                self.clean_grad.append((clean_logits, leaves))
+            with torch.no_grad():
                 corrupt_logits, corrupt_out, _ = self.edges.run(self.forward(runner), runner.group.corrupt, capture=True)
-                runner.set_scores(corrupt_logits, clean_logits)
-                self.clean.append(clean_out)
-                self.corrupt.append(corrupt_out)
+            runner.set_scores(corrupt_logits.detach(), clean_logits.detach())
+            self.clean.append(clean_out)
+            self.corrupt.append(corrupt_out)
         self.clean_score, self.corrupt_score = self.job.scores(self.runners)
 
     @property

@@ -41,7 +41,7 @@ def edge_attribution(model, clean, corrupt=None, *, answer=None, wrong=None, met
     if int(steps) < 1:
         raise NNPatchValueError(f"steps={steps}: EAP-IG needs at least one step")
     steps = 1 if method == "eap" else int(steps)
-    cj = CircuitJob(model, clean, corrupt, answer, wrong, metric)
+    cj = CircuitJob(model, clean, corrupt, answer, wrong, metric, grad=True)
     scores = edge_scores(cj, steps)
     g = cj.graph
     flat = torch.stack([scores[r, s] for r, s in g.edge_pairs]) if g.edge_pairs else torch.zeros(0)
@@ -51,27 +51,36 @@ def edge_attribution(model, clean, corrupt=None, *, answer=None, wrong=None, met
 
 
 def edge_scores(cj: CircuitJob, steps: int) -> torch.Tensor:
-    """Scores `[receivers, senders]` (zero where there is no edge)."""
+    """Scores `[receivers, senders]` (zero where there is no edge). The last EAP-IG step (alpha 1)
+    is the clean run, whose graph the job kept from its reference run."""
     g, edges = cj.graph, cj.edges
     total = torch.zeros(len(g.receivers), len(g.senders))
-    for runner, group, clean, corrupt in cj.groups():
-        with torch.no_grad():
-            diff = edges.sender_outputs(corrupt) - edges.sender_outputs(clean)  # [senders, b, pos, d]
+    for i, (runner, group, clean, corrupt) in enumerate(cj.groups()):
         grads = None
         for k in range(1, steps + 1):
-            alpha = k / steps
-            value = None if steps == 1 else corrupt.input + alpha * (clean.input - corrupt.input)
+            if k == steps:
+                logits, leaves = cj.clean_grad[i]
+            else:
+                value = corrupt.input + k / steps * (clean.input - corrupt.input)
+                with torch.enable_grad():
+                    logits, _, leaves = edges.run(cj.forward(runner), group.clean, leaves=True, input_value=value)
             with torch.enable_grad():
-                logits, _, leaves = edges.run(cj.forward(runner), group.clean, leaves=True, input_value=value)
-                order = sorted(leaves)
-                got = torch.autograd.grad(cj.part(logits, group), [leaves[i] for i in order], allow_unused=True)
-            got = torch.cat([torch.zeros_like(leaves[i]) if gr is None else gr for i, gr in zip(order, got)])
-            grads = got if grads is None else grads + got  # [receivers, b, pos, d]
-        grads = grads / steps
-        total += torch.einsum("sbpd,rbpd->rs", diff.to(grads.dtype), grads).float().cpu()
+                got = torch.autograd.grad(cj.part(logits, group), leaves.tensors, allow_unused=True)
+            got = edges.receiver_grads(leaves, list(got))  # [receivers, b, pos, d]
+            grads = got if grads is None else grads + got
+        if steps > 1:
+            grads /= steps
+        with torch.no_grad():
+            diff = edges.sender_deltas(corrupt, clean).to(grads.dtype)  # [senders, b, pos, d]
+        # A matrix product over (pair, position, feature) per layer: its receivers are consecutive
+        # rows, their senders a prefix of the sender list (pairs that are no edge are masked below).
+        grads, diff = grads.reshape(len(grads), -1), diff.reshape(len(diff), -1)
+        start = 0
+        for stop in [layer.mlp + 1 for layer in g.layers] + [len(g.receivers)]:
+            n = int(g.upstream[start:stop].any(0).nonzero().max()) + 1
+            total[start:stop, :n] += (grads[start:stop] @ diff[:n].t()).float().cpu()
+            start = stop
     return total * g.upstream
-
-
 def rank_correlation(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float:
     """Spearman's rank correlation of two score lists (ties take their mean rank)."""
     ra, rb = _ranks(torch.as_tensor(a, dtype=torch.float64)), _ranks(torch.as_tensor(b, dtype=torch.float64))

@@ -7,7 +7,8 @@ Every circuit method is this one run with a different rewrite of each receiver's
     and current its output in this very run;
   * receivers set (`path_patching`): x replaced by a given target;
   * zero leaves (EAP): x + leaf, whose gradient is the metric's gradient with respect to the
-    receiver's input.
+    receiver's input (for attention receivers the leaf sits on the projection output and the
+    gradient is carried back to the residual input afterwards, which costs no extra forward work).
 
 A head's residual output is `z_h @ W_O[h]` (z: the head's slice of the output projection's input).
 An attention receiver (head h's query, key or value) gets its own input by adding
@@ -72,6 +73,42 @@ class EdgeRun:
             parts += [self.head_outputs(layer, out.z[layer]), out.mlp[layer][None]]
         return torch.cat(parts)
 
+    def sender_deltas(self, a: Outputs, b: Outputs) -> torch.Tensor:
+        """Every sender's output in run `a` minus run `b` `[senders, b, pos, d]` (outputs are linear
+        in what the hooks keep, so the difference is taken first)."""
+        return self.sender_outputs(Outputs(a.input - b.input, [x - y for x, y in zip(a.z, b.z)],
+                                           [x - y for x, y in zip(a.mlp, b.mlp)]))
+
+    def receiver_grads(self, leaves: "Leaves", grads: list) -> torch.Tensor:
+        """The metric's gradient with respect to every receiver's input `[receivers, b, pos, d]`,
+        from the gradients of a run's leaves (in `leaves.tensors` order).
+
+        An attention receiver's leaf sits on its projection's output y; its gradient g goes back to
+        the residual input through the receiver's columns and the norm: J_norm(x)^T (W_cols g_cols)."""
+        g = self.graph
+        out = None
+        for (kind, key, x), grad, leaf in zip(leaves.keys, grads, leaves.tensors):
+            if out is None:
+                shape = leaf.shape[1:] if kind == "resid" else x.shape
+                out = torch.zeros(len(g.receivers), *shape, dtype=leaf.dtype, device=leaf.device)
+            if grad is None:
+                continue
+            if kind == "resid":
+                out[key:key + len(grad)] = grad
+                continue
+            layer, i = key
+            proj = g.layers[layer].projections[i]
+            columns = torch.stack(proj.columns).to(grad.device)  # [k, head_dim]
+            w = self.proj_w[layer][i][:, columns].permute(1, 0, 2)  # [k, d, head_dim]
+            gk = grad[..., columns].to(w.dtype).flatten(0, -3).transpose(0, 1)  # [k, b * pos, head_dim]
+            u = torch.bmm(gk, w.transpose(1, 2)).reshape(len(columns), *x.shape)  # [k, b, pos, d]
+            with torch.enable_grad():
+                xr = x.detach()[None].expand(len(u), *x.shape).clone().requires_grad_(True)
+                normed = self.norms[layer].forward(xr)
+                back = torch.autograd.grad(normed, xr, u.to(normed.dtype))[0]
+            out[torch.tensor(proj.receivers, device=out.device)] = back.to(out.dtype)
+        return out
+
     def run(self, forward, ids: torch.Tensor, *, source: Outputs | None = None,
             mask: torch.Tensor | None = None, targets: dict | None = None, leaves: bool = False,
             input_value: torch.Tensor | None = None, capture: bool = False):
@@ -80,7 +117,7 @@ class EdgeRun:
         `mask` `[receivers, senders]` or `[b, receivers, senders]` (1: the edge carries `source`'s
         value); `targets` {receiver: [b, pos, d]} sets receivers' inputs; `leaves` adds a zero leaf
         to every receiver; `input_value` replaces the input embedding. Returns (logits, Outputs
-        captured when `capture`, the leaves {receiver index: leaf [k, b, pos, d] or [b, pos, d]})."""
+        captured when `capture`, and with `leaves` the `Leaves` to differentiate)."""
         state = _State(self, source, mask, targets or {}, leaves, capture)
         g = self.graph
         specs = [(g.input_site.path, "input", state.input_hook(input_value))]
@@ -97,6 +134,15 @@ class EdgeRun:
         return logits, state.captured, state.leaves
 
 
+@dataclass
+class Leaves:
+    """A run's zero leaves: the tensors to differentiate, and what each stands for: ("resid",
+    first receiver, None) for a receiver input, ("proj", (layer, i), x) for a projection output."""
+
+    tensors: list = field(default_factory=list)
+    keys: list = field(default_factory=list)
+
+
 class _State:
     """The values of one run as its hooks see them."""
 
@@ -110,7 +156,7 @@ class _State:
         self.n_diffs = 0
         self.attn_delta: dict[int, torch.Tensor] = {}
         self.attn_x: dict[int, torch.Tensor] = {}
-        self.leaves: dict[int, torch.Tensor] = {}
+        self.leaves = Leaves() if leaves else None
 
     # -- senders ---------------------------------------------------------------------------------
     def input_hook(self, value):
@@ -155,8 +201,9 @@ class _State:
         return diffs[:upto]
 
     # -- receivers -------------------------------------------------------------------------------
-    def delta(self, receivers: list[int], x: torch.Tensor) -> torch.Tensor | None:
-        """The rewrite of receivers' shared input `x` `[b, pos, d]`: `[k, b, pos, d]`, or None."""
+    def delta(self, receivers: list[int], x: torch.Tensor, leaf: bool = True) -> torch.Tensor | None:
+        """The rewrite of receivers' shared input `x` `[b, pos, d]`: `[k, b, pos, d]`, or None.
+        With leaves wanted (and `leaf`), a zero leaf is added."""
         out = None
         if self.mask is not None:
             m = self.mask[..., receivers, :]  # [(b,) k, senders]
@@ -171,10 +218,11 @@ class _State:
                 if out is None:
                     out = torch.zeros(len(receivers), *x.shape, dtype=x.dtype, device=x.device)
                 out[i] = out[i] + (self.targets[r].to(x.dtype) - x)
-        if self.want_leaves:
-            leaf = torch.zeros(len(receivers), *x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
-            self.leaves[receivers[0]] = leaf
-            out = leaf if out is None else out + leaf
+        if self.want_leaves and leaf:
+            zero = torch.zeros(len(receivers), *x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            self.leaves.tensors.append(zero)
+            self.leaves.keys.append(("resid", receivers[0], None))
+            out = zero if out is None else out + zero
         return out
 
     def attn_norm_hook(self, layer: int):
@@ -186,7 +234,8 @@ class _State:
             if self.capture:
                 self.captured.attn_in.append(x.detach())
             self.attn_x[layer] = x
-            d = self.delta(list(range(first, first + n)), x)
+            # Attention receivers' leaves sit on the projection outputs (see EdgeRun.receiver_grads).
+            d = self.delta(list(range(first, first + n)), x, leaf=False)
             if d is not None:
                 self.attn_delta[layer] = d
         return hook
@@ -200,8 +249,13 @@ class _State:
         norm = self.r.norms[layer]
 
         def hook(module, args, kwargs, y):
+            if self.want_leaves:
+                zero = torch.zeros_like(y, requires_grad=True)
+                self.leaves.tensors.append(zero)
+                self.leaves.keys.append(("proj", (layer, i), self.attn_x[layer].detach()))
+                y = y + zero
             if layer not in self.attn_delta:
-                return None
+                return y if self.want_leaves else None
             x = self.attn_x[layer]
             d = self.attn_delta[layer][local.to(x.device)]  # [k, b, pos, d]
             changed = norm.forward(x[None] + d) - norm.forward(x)[None]  # [k, b, pos, d]
