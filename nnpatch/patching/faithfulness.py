@@ -48,17 +48,23 @@ class CircuitScore:
 
 
 @_one_at_a_time
-def evaluate_circuit(model, clean, corrupt=None, circuit: Circuit | None = None, *, answer=None,
-                     wrong=None, ablation: str = "patch", metric: str | Callable = "logit_diff") -> CircuitScore:
+def evaluate_circuit(model, clean, corrupt=None, circuit: Circuit | list[Circuit] | None = None, *,
+                     answer=None, wrong=None, ablation: str = "patch",
+                     metric: str | Callable = "logit_diff") -> CircuitScore | list[CircuitScore]:
     """The metric of `model` on the pairs with only `circuit`'s edges intact (see the module doc).
 
-    `circuit` must come from this model's graph (`edge_attribution(...).top(n)`, or `Circuit.load`)."""
-    if circuit is None and isinstance(corrupt, Circuit):
+    `circuit` must come from this model's graph (`edge_attribution(...).top(n)`, or `Circuit.load`).
+    A list of circuits is evaluated in batched runs and gives a list of scores."""
+    if circuit is None and isinstance(corrupt, (Circuit, list)):
         circuit, corrupt = corrupt, None
-    if not isinstance(circuit, Circuit):
-        raise NNPatchValueError(f"evaluate_circuit needs circuit=<a Circuit>, got {type(circuit).__name__}")
+    many = isinstance(circuit, (list, tuple))
+    circuits = list(circuit) if many else [circuit]
+    bad = [type(c).__name__ for c in circuits if not isinstance(c, Circuit)]
+    if bad or not circuits:
+        raise NNPatchValueError(f"evaluate_circuit needs circuit=<a Circuit or a list of them>, got {bad or 'none'}")
     cj = CircuitJob(model, clean, corrupt, answer, wrong, metric)
-    return score_circuits(cj, [circuit], ablation)[0]
+    scores = score_circuits(cj, circuits, ablation)
+    return scores if many else scores[0]
 
 
 def score_circuits(cj: CircuitJob, circuits: list[Circuit], ablation: str) -> list[CircuitScore]:
