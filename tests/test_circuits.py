@@ -424,3 +424,19 @@ def test_eap_ranks_edges_like_activation_patching_each_edge_on_ioi():
         sender, receiver = edge.split("->")
         pp = nnpatch.path_patching(model, pairs, senders=[sender], receivers=[receiver], metric="logit_diff_raw")
         assert abs(float(pp.change[0]) - float(act[eap.edges.index(edge)])) < 1e-4
+
+
+def test_grouped_key_value_receivers_feed_every_head_of_their_group():
+    model = build("llama")  # 4 query heads, 2 key/value heads
+    scores = nnpatch.edge_attribution(model, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG)
+    assert scores.receiver_nodes("a1.h1<k>") == ["a1.h2", "a1.h3"]
+    assert scores.receiver_nodes("a1.h1<q>") == ["a1.h1"] and scores.receiver_nodes("m1") == ["m1"]
+    one = torch.tensor([e == "input->a1.h1<v>" for e in scores.edges])
+    circuit = Circuit(scores.key, scores.edges, scores.scores, one)
+    assert circuit.nodes == ["input", "a1.h2", "a1.h3"]
+    greedy = scores.greedy(30)
+    reached = {"logits"}
+    kept = [(r["sender"], greedy.receiver_nodes(r["receiver"])) for r in greedy.edges_table()]
+    for _ in kept:
+        reached |= {s for s, nodes in kept if not reached.isdisjoint(nodes)}
+    assert all(not reached.isdisjoint(nodes) for _, nodes in kept)

@@ -55,9 +55,9 @@ def graph(circuit: Circuit, *, title: str | None = None, height: int | None = No
     bins: dict[tuple[bool, int], tuple[list, list]] = {}
     mids = {"x": [], "y": [], "text": [], "edge": []}
     for r in rows:
-        receiver, _, which = r["receiver"].partition("<")
+        which = r["receiver"].partition("<")[2].rstrip(">") or None
         x0, y0 = where(r["sender"])
-        x1, y1 = where(receiver, which.rstrip(">") or None)
+        x1, y1 = where(circuit.receiver_nodes(r["receiver"])[0], which)  # a shared key/value head: its first query head
         key = (r["score"] < 0, min(4, int(5 * abs(r["score"]) / top)))
         xs, ys = bins.setdefault(key, ([], []))
         xs += [x0, x1, None]

@@ -93,11 +93,11 @@ class Circuit:
             raise NNPatchValueError(f"greedy({n}) keeps no edge; give n >= 1")
         order = self.scores.abs().argsort(descending=True, stable=True).tolist()
         senders = [e.split("->")[0] for e in self.edges]
-        receiver_nodes = [_node_of(e.split("->")[1]) for e in self.edges]
+        receiver_nodes = [self.receiver_nodes(e.split("->")[1]) for e in self.edges]
         reached, kept = {"logits"}, torch.zeros_like(self.kept)
         count = 0
         while count < int(n):
-            pick = next((i for i in order if not kept[i] and receiver_nodes[i] in reached), None)
+            pick = next((i for i in order if not kept[i] and not reached.isdisjoint(receiver_nodes[i])), None)
             if pick is None:
                 break
             kept[pick] = True
@@ -118,7 +118,7 @@ class Circuit:
         touched = set()
         for e in self.kept_edges:
             s, r = e.split("->")
-            touched.update((s, _node_of(r)))
+            touched.update([s, *self.receiver_nodes(r)])
         return [n for n in self.graph_nodes if n in touched]
 
     @property
@@ -140,7 +140,7 @@ class Circuit:
         the summed |score| of its kept edges in and out."""
         weight: dict[str, float] = {}
         for row in self.edges_table():
-            for node in (row["sender"], _node_of(row["receiver"])):
+            for node in (row["sender"], *self.receiver_nodes(row["receiver"])):
                 weight[node] = weight.get(node, 0.0) + abs(row["score"])
         out = []
         for node in self.nodes:
@@ -177,6 +177,16 @@ class Circuit:
                    method=meta["method"], metric=meta["metric"], clean_score=meta["clean_score"],
                    corrupt_score=meta["corrupt_score"])
 
+    def receiver_nodes(self, receiver: str) -> list[str]:
+        """The nodes reading through a receiver: 'a3.h1<q>' -> ['a3.h1']; with grouped key/value
+        heads, key/value head g's receiver feeds every query head of its group."""
+        node, _, which = receiver.partition("<")
+        if not which or which[0] == "q" or self.key.n_kv == self.key.n_heads:
+            return [node]
+        layer, group = (int(x) for x in node[1:].split(".h"))
+        size = self.key.n_heads // self.key.n_kv
+        return [f"a{layer}.h{h}" for h in range(group * size, (group + 1) * size)]
+
     def check_graph(self, graph) -> None:
         """Raise unless this circuit was found on a model with `graph`."""
         key = GraphKey.of(graph)
@@ -187,10 +197,6 @@ class Circuit:
                                     "it again on this model with nnpatch.edge_attribution")
 
 
-def _node_of(receiver: str) -> str:
-    """The node a receiver belongs to: 'a3.h1<q>' -> 'a3.h1' (a key/value receiver of a model with
-    grouped key/value heads names its key/value head)."""
-    return receiver.split("<")[0]
 
 
 def node_position(node: str, n_layers: int) -> tuple[int, int | None]:
