@@ -440,3 +440,59 @@ def test_grouped_key_value_receivers_feed_every_head_of_their_group():
     for _ in kept:
         reached |= {s for s, nodes in kept if not reached.isdisjoint(nodes)}
     assert all(not reached.isdisjoint(nodes) for _, nodes in kept)
+
+
+def test_one_token_prompts(monkeypatch):
+    import test_circuits as here
+    monkeypatch.setattr(here, "CLEAN", [[5], [7]])
+    monkeypatch.setattr(here, "CORRUPT", [[9], [11]])
+    monkeypatch.setattr(here, "ANSWER", [20, 21])
+    monkeypatch.setattr(here, "WRONG", [22, 23])
+    model = build("gpt2")
+    kw = dict(answer=here.ANSWER, wrong=here.WRONG, metric="logit_diff_raw")
+    scores = nnpatch.edge_attribution(model, here.CLEAN, here.CORRUPT, **kw)
+    for edge in ["input->a1.h2<v>", "a0.h1->m2", "m1->logits"]:
+        want = eap_by_hand(model, "gpt2", edge)
+        assert abs(scores.scores[scores.edges.index(edge)].item() - want) < 1e-5 * max(1.0, abs(want))
+    got = nnpatch.path_patching(model, here.CLEAN, here.CORRUPT, senders=["a0.h3"], receivers=["a2.h0<k>"], **kw)
+    want = frozen_path_patching(model, "gpt2", "a0.h3", ["a2.h0<k>"])
+    assert abs(float(got.scores[0]) - want) < 5e-6 * max(1.0, abs(want))
+    none = Circuit(scores.key, scores.edges, scores.scores, torch.zeros(len(scores.edges), dtype=torch.bool))
+    empty = nnpatch.evaluate_circuit(model, here.CLEAN, here.CORRUPT, none, **kw)
+    assert abs(empty.score - empty.corrupt_score) < 1e-4 * abs(empty.clean_score - empty.corrupt_score)
+
+
+def test_pairs_of_different_lengths_average_like_the_pairs_alone():
+    model = build("gpt2")
+    long_c, long_k = CLEAN[:2], CORRUPT[:2]
+    short_c, short_k = [[3, 4, 5]], [[3, 4, 13]]
+    both = dict(answer=ANSWER[:2] + [30], wrong=WRONG[:2] + [31], metric="logit_diff_raw")
+    mixed = nnpatch.edge_attribution(model, long_c + short_c, long_k + short_k, **both)
+    a = nnpatch.edge_attribution(model, long_c, long_k, answer=ANSWER[:2], wrong=WRONG[:2], metric="logit_diff_raw")
+    b = nnpatch.edge_attribution(model, short_c, short_k, answer=[30], wrong=[31], metric="logit_diff_raw")
+    assert torch.allclose(mixed.scores, (2 * a.scores + b.scores) / 3, atol=1e-5)
+    top = mixed.top(20)
+    ev = nnpatch.evaluate_circuit(model, long_c + short_c, long_k + short_k, top, **both)
+    ea = nnpatch.evaluate_circuit(model, long_c, long_k, Circuit(a.key, a.edges, a.scores, top.kept),
+                                  answer=ANSWER[:2], wrong=WRONG[:2], metric="logit_diff_raw")
+    eb = nnpatch.evaluate_circuit(model, short_c, short_k, Circuit(b.key, b.edges, b.scores, top.kept),
+                                  answer=[30], wrong=[31], metric="logit_diff_raw")
+    assert abs(ev.score - (2 * ea.score + eb.score) / 3) < 1e-5
+    pp = nnpatch.path_patching(model, long_c + short_c, long_k + short_k, receivers=["m2"], **both)
+    pa = nnpatch.path_patching(model, long_c, long_k, receivers=["m2"], answer=ANSWER[:2], wrong=WRONG[:2],
+                               metric="logit_diff_raw")
+    pb = nnpatch.path_patching(model, short_c, short_k, receivers=["m2"], answer=[30], wrong=[31],
+                               metric="logit_diff_raw")
+    assert torch.allclose(pp.scores, (2 * pa.scores + pb.scores) / 3, atol=1e-5)
+
+
+def test_kl_metric_is_zero_for_the_whole_model_and_the_corrupt_kl_for_no_edges():
+    model = build("llama")
+    scores = nnpatch.edge_attribution(model, CLEAN, CORRUPT, metric="kl")
+    full = nnpatch.evaluate_circuit(model, CLEAN, CORRUPT, scores, metric="kl")
+    none = Circuit(scores.key, scores.edges, scores.scores, torch.zeros(len(scores.edges), dtype=torch.bool))
+    empty = nnpatch.evaluate_circuit(model, CLEAN, CORRUPT, none, metric="kl")
+    assert abs(full.score) < 1e-6 and full.clean_score == pytest.approx(0.0, abs=1e-6)
+    assert empty.score == pytest.approx(empty.corrupt_score, rel=1e-4) and empty.corrupt_score > 1e-3
+    # At the clean run KL is at its minimum, so EAP's first-order scores vanish.
+    assert scores.scores.abs().max() < 1e-4
