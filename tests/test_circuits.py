@@ -496,3 +496,11 @@ def test_kl_metric_is_zero_for_the_whole_model_and_the_corrupt_kl_for_no_edges()
     assert empty.score == pytest.approx(empty.corrupt_score, rel=1e-4) and empty.corrupt_score > 1e-3
     # At the clean run KL is at its minimum, so EAP's first-order scores vanish.
     assert scores.scores.abs().max() < 1e-4
+
+
+def test_evaluate_circuit_without_a_circuit_says_what_to_pass():
+    model = build("gpt2")
+    with pytest.raises(nnpatch.NNPatchError, match=r"needs circuit=<a Circuit or a list of them>.*got \['list'\]"):
+        nnpatch.evaluate_circuit(model, CLEAN, CORRUPT, [CLEAN], answer=ANSWER, wrong=WRONG)
+    with pytest.raises(nnpatch.NNPatchError, match="needs circuit=.*got none"):
+        nnpatch.evaluate_circuit(model, CLEAN, CORRUPT, answer=ANSWER, wrong=WRONG)

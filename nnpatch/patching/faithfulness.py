@@ -55,13 +55,15 @@ def evaluate_circuit(model, clean, corrupt=None, circuit: Circuit | list[Circuit
 
     `circuit` must come from this model's graph (`edge_attribution(...).top(n)`, or `Circuit.load`).
     A list of circuits is evaluated in batched runs and gives a list of scores."""
-    if circuit is None and isinstance(corrupt, (Circuit, list)):
-        circuit, corrupt = corrupt, None
+    if circuit is None and (isinstance(corrupt, Circuit) or (
+            isinstance(corrupt, (list, tuple)) and corrupt and all(isinstance(c, Circuit) for c in corrupt))):
+        circuit, corrupt = corrupt, None  # evaluate_circuit(model, task_pairs, circuit)
     many = isinstance(circuit, (list, tuple))
-    circuits = list(circuit) if many else [circuit]
+    circuits = list(circuit) if many else ([] if circuit is None else [circuit])
     bad = [type(c).__name__ for c in circuits if not isinstance(c, Circuit)]
     if bad or not circuits:
-        raise NNPatchValueError(f"evaluate_circuit needs circuit=<a Circuit or a list of them>, got {bad or 'none'}")
+        raise NNPatchValueError("evaluate_circuit needs circuit=<a Circuit or a list of them> (e.g. "
+                                f"nnpatch.edge_attribution(model, pairs).top(50)), got {bad or 'none'}")
     cj = CircuitJob(model, clean, corrupt, answer, wrong, metric)
     scores = score_circuits(cj, circuits, ablation)
     return scores if many else scores[0]
