@@ -44,7 +44,8 @@ def edge_attribution(model, clean, corrupt=None, *, answer=None, wrong=None, met
     cj = CircuitJob(model, clean, corrupt, answer, wrong, metric, grad=True)
     scores = edge_scores(cj, steps)
     g = cj.graph
-    flat = torch.stack([scores[r, s] for r, s in g.edge_pairs]) if g.edge_pairs else torch.zeros(0)
+    r, s = torch.tensor(g.edge_pairs, dtype=torch.long).reshape(-1, 2).t()
+    flat = scores[r, s]  # [edges], in the graph's edge order
     return Circuit(GraphKey.of(g), g.edges, flat, torch.ones(len(g.edges), dtype=torch.bool),
                    method=method, metric=cj.metric_name, clean_score=cj.clean_score,
                    corrupt_score=cj.corrupt_score)
@@ -78,7 +79,7 @@ def edge_scores(cj: CircuitJob, steps: int) -> torch.Tensor:
         start = 0
         for stop in [layer.mlp + 1 for layer in g.layers] + [len(g.receivers)]:
             n = int(g.upstream[start:stop].any(0).nonzero().max()) + 1
-            total[start:stop, :n] += (grads[start:stop] @ diff[:n].t()).float().cpu()
+            total[start:stop, :n] += (grads[start:stop].float() @ diff[:n].float().t()).cpu()
             start = stop
     return total * g.upstream
 def rank_correlation(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.hooks import hooks, resolve
+from ..errors import NNPatchTypeError
 from .graph import Graph, weight_matrix
 from .sites import Site
 
@@ -53,7 +54,9 @@ class EdgeRun:
         for site in g.head_sites:
             w = weight_matrix(resolve(module, site.path))
             if w is None:
-                raise TypeError(f"{site.path} is not a linear layer; cannot split its input into heads")
+                raise NNPatchTypeError(f"{site.path} is a {type(resolve(module, site.path)).__name__}, not a linear "
+                                       "layer, so its input cannot be split into heads' outputs; the circuit graph "
+                                       "needs head_out at the input of attention's output projection")
             self.w_o.append(w.reshape(g.n_heads, g.head_dim, -1))
         self.proj_w = [[weight_matrix(resolve(module, p.path)) for p in layer.projections] for layer in g.layers]
         self.norms = [resolve(module, layer.attn_norm) for layer in g.layers]

@@ -86,7 +86,7 @@ def path_patching(model, clean, corrupt=None, *, senders: Sequence[str] | str | 
             k = len(chunk)
             targets = {}
             for r in recv:
-                feeds = g.upstream[r, chunk].to(diff.dtype)[:, None, None, None]  # [k, 1, 1, 1]
+                feeds = g.upstream[r, chunk].to(diff.device, diff.dtype)[:, None, None, None]  # [k, 1, 1, 1]
                 targets[r] = (inputs[r][None] + feeds * diff[chunk]).reshape(k * n, *inputs[r].shape[1:])
             with torch.no_grad():
                 logits, _, _ = cj.edges.run(cj.forward(runner), group.clean.repeat(k, 1), targets=targets)
