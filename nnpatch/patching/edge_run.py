@@ -25,6 +25,7 @@ import torch
 from ..engine.hooks import hooks, resolve
 from ..errors import NNPatchTypeError
 from .graph import Graph, weight_matrix
+from .runner import _skipping
 from .sites import Site
 
 
@@ -38,6 +39,8 @@ class Outputs:
     attn_in: list = field(default_factory=list)  # per layer [b, pos, d], attention's residual input
     mlp_in: list = field(default_factory=list)  # per layer [b, pos, d]
     final_in: torch.Tensor | None = None  # [b, pos, d]
+    resid: list = field(default_factory=list)  # per layer [b, pos, d], the block's input
+    block_out_len: int = 0  # how blocks return: 0 a tensor, k a tuple of k elements
 
     def map(self, fn) -> "Outputs":
         return Outputs(fn(self.input), [fn(t) for t in self.z], [fn(t) for t in self.mlp],
@@ -114,13 +117,17 @@ class EdgeRun:
 
     def run(self, forward, ids: torch.Tensor, *, source: Outputs | None = None,
             mask: torch.Tensor | None = None, targets: dict | None = None, leaves: bool = False,
-            input_value: torch.Tensor | None = None, capture: bool = False):
+            input_value: torch.Tensor | None = None, capture: bool = False,
+            start: tuple[int, torch.Tensor, int] | None = None):
         """`forward(ids)` (the model's last-position logits) with receivers rewritten.
 
         `mask` `[receivers, senders]` or `[b, receivers, senders]` (1: the edge carries `source`'s
         value); `targets` {receiver: [b, pos, d]} sets receivers' inputs; `leaves` adds a zero leaf
-        to every receiver; `input_value` replaces the input embedding. Returns (logits, Outputs
-        captured when `capture`, and with `leaves` the `Leaves` to differentiate)."""
+        to every receiver; `input_value` replaces the input embedding. `start` (layer, its block
+        input [b, pos, d], the blocks' `Outputs.block_out_len`) runs from that block on, earlier
+        blocks passing their input through (their hooks do not fire: only for runs whose rewrites
+        all lie in later layers). Returns (logits, Outputs captured when `capture`, and with
+        `leaves` the `Leaves` to differentiate)."""
         state = _State(self, source, mask, targets or {}, leaves, capture)
         g = self.graph
         specs = [(g.input_site.path, "input", state.input_hook(input_value))]
@@ -132,7 +139,15 @@ class EdgeRun:
                 specs.append((proj.path, "output", state.projection_hook(layer, i)))
             specs.append((lr.mlp_norm, "input", state.norm_hook(layer, lr.mlp, "mlp_in")))
         specs.append((g.final_norm, "input", state.norm_hook(g.n_layers, len(g.receivers) - 1, "final_in")))
-        with hooks(self.module, specs):
+        if capture:
+            specs += [(site.path, site.kind, state.keep(site, "resid", layer)) for layer, site in enumerate(g.resid_sites)]
+            specs.append((f"{g.blocks}.0", "output", state.note_block_output))
+        skip, out_len = 0, 0
+        if start is not None and start[0] > 0:
+            skip, resid, out_len = start
+            site = g.resid_sites[skip]
+            specs.append((site.path, site.kind, lambda m, args, kwargs: site.with_input(args, kwargs, resid)))
+        with hooks(self.module, specs), _skipping(self.module, g.blocks, skip, out_len):
             logits = forward(ids)
         return logits, state.captured, state.leaves
 
@@ -154,7 +169,7 @@ class _State:
         self.source, self.mask, self.targets, self.want_leaves = source, mask, targets, leaves
         self.capture = capture
         self.captured = Outputs() if capture else None
-        self.cur = Outputs(z=[None] * self.g.n_layers, mlp=[None] * self.g.n_layers)
+        self.cur = Outputs(z=[None] * self.g.n_layers, mlp=[None] * self.g.n_layers, resid=[None] * self.g.n_layers)
         self.diffs: list[torch.Tensor] = []  # chunks of (source - current) per sender, graph order
         self.n_diffs = 0
         self.attn_delta: dict[int, torch.Tensor] = {}
@@ -185,6 +200,9 @@ class _State:
         if site.kind == "input":
             return lambda module, args, kwargs: hook(module, args, kwargs)
         return hook
+
+    def note_block_output(self, module, args, kwargs, output):
+        self.captured.block_out_len = len(output) if isinstance(output, tuple) else 0
 
     def _sender_diffs(self, upto: int) -> torch.Tensor:
         """(source - current) residual outputs of senders 0..upto-1 `[upto, b, pos, d]`."""

@@ -142,6 +142,8 @@ class Graph:
         self.model_name = getattr(config, "_name_or_path", "") or type(module).__name__
         self.n_layers, self.n_heads = table.n_layers, table.n_heads
         self.parallel = bool(layout.parallel(config))
+        self.blocks = table.blocks
+        self.resid_sites: tuple[Site, ...] = table["resid_pre"]  # each block's input
         self.input_site: Site = table["resid_pre"][0]
         self.head_sites: tuple[Site, ...] = table["head_out"]
         self.mlp_sites: tuple[Site, ...] = table["mlp_out"]

@@ -88,8 +88,11 @@ def path_patching(model, clean, corrupt=None, *, senders: Sequence[str] | str | 
             for r in recv:
                 feeds = g.upstream[r, chunk].to(diff.device, diff.dtype)[:, None, None, None]  # [k, 1, 1, 1]
                 targets[r] = (inputs[r][None] + feeds * diff[chunk]).reshape(k * n, *inputs[r].shape[1:])
+            # Everything before the first receiver's layer is the clean run: start there.
+            first = min(min(g.receiver_layer[r] for r in recv), g.n_layers - 1)  # logits: the last block
+            skip = (first, clean_out.resid[first].repeat(k, 1, 1), clean_out.block_out_len)
             with torch.no_grad():
-                logits, _, _ = cj.edges.run(cj.forward(runner), group.clean.repeat(k, 1), targets=targets)
+                logits, _, _ = cj.edges.run(cj.forward(runner), group.clean.repeat(k, 1), targets=targets, start=skip)
             stats = cj.row_stats(logits, group, list(range(n)) * k).float().cpu()
             totals[start:start + k] += stats.reshape(k, n).sum(1)
     return PathPatchingResult([g.senders[s] for s in send], [g.receivers[r] for r in recv],
