@@ -5,7 +5,7 @@ For each sender s, the receivers' inputs are set to what they would be on the cl
 every node but s were frozen at its clean value and s took its corrupt value: clean input +
 (corrupt_s - clean_s) for each receiver s feeds (receivers s does not feed keep their clean input).
 Everything downstream of the receivers then runs on. Senders run batched: one row per
-(sender, pair).
+(sender, pair), starting at the first receiver's block from the clean run's block input.
 
     >>> import nnpatch
     >>> model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(8, template=0)
