@@ -17,6 +17,8 @@ __all__ = [
     "Model", "LanguageModel", "NNPatchError",
     "sites", "register_sites", "activation_patching", "attribution_patching", "PatchingResult",
     "Workbench", "models", "tasks", "heatmap",
+    "graph", "register_graph", "path_patching", "edge_attribution", "evaluate_circuit", "smallest_circuit", "Circuit",
+    "circuit_plot",
 ]
 
 # Everything beyond the engine loads on first use, so `import nnpatch` stays light and the
@@ -27,9 +29,17 @@ _LAZY = {
     "activation_patching": ("nnpatch.patching.api", "activation_patching"),
     "attribution_patching": ("nnpatch.patching.api", "attribution_patching"),
     "PatchingResult": ("nnpatch.patching.result", "PatchingResult"),
+    "graph": ("nnpatch.patching.graph", "graph"),
+    "register_graph": ("nnpatch.patching.graph", "register_graph"),
+    "path_patching": ("nnpatch.patching.path_patching", "path_patching"),
+    "edge_attribution": ("nnpatch.patching.edge_attribution", "edge_attribution"),
+    "evaluate_circuit": ("nnpatch.patching.faithfulness", "evaluate_circuit"),
+    "smallest_circuit": ("nnpatch.patching.faithfulness", "smallest_circuit"),
+    "Circuit": ("nnpatch.patching.circuit", "Circuit"),
     "Workbench": ("nnpatch.jupyter.workbench", "Workbench"),
     "sweep": ("nnpatch.sweep", None),
     "heatmap": ("nnpatch.jupyter.heatmap", None),
+    "circuit_plot": ("nnpatch.jupyter.circuit_plot", None),
     "models": ("nnpatch.models", None),
     "tasks": ("nnpatch.bundled.tasks", None),
 }

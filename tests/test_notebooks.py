@@ -20,7 +20,7 @@ NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 CELL_TIMEOUT_S = 180
 EXPECTED = ["01_quickstart.ipynb", "02_activation_patching.ipynb", "03_attribution_patching.ipynb",
             "04_patching_across_invokes.ipynb", "05_workbench_and_magics.ipynb",
-            "06_generation_and_steering.ipynb"]
+            "06_generation_and_steering.ipynb", "07_circuits.ipynb"]
 
 
 @pytest.fixture(scope="module")
