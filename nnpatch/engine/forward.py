@@ -19,6 +19,7 @@ from ..errors import NNPatchError, NNPatchTypeError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
+from .stopping import EndForward
 from .invoke import Event, Invoke, event_name, out_of_order, torch_state
 
 
@@ -50,6 +51,8 @@ class ForwardPass:
         self.current: Event | None = None
         self.ticks = 0  # events dispatched so far
         self.resumes = 0  # times an invoke ran (progress, for deadlock detection)
+        self.stop_requested = False  # an invoke called tracer.stop()
+        self.recorders: dict[Event, list] = defaultdict(list)  # tracer.cache(): fn(pass, event)
         # The trace's grad mode is the caller's; values are made differentiable when the body
         # asks for gradients, even of a model whose parameters do not require them.
         self.torch_state = torch_state()
@@ -65,8 +68,14 @@ class ForwardPass:
                 else:
                     self._continue(inv, rows)
             self._drain()
+            for inv in self.rows:
+                for cache in inv.caches:
+                    cache.attach(self, inv)
             if any(not inv.done for inv in self.invokes):
-                self.output = self.model._forward(self.batch)
+                try:
+                    self.output = self.model._forward(self.batch)
+                except EndForward:  # tracer.stop(): no invoke needs the rest of the forward
+                    pass
             self._drain()
         finally:
             remove_all([*self.sentinels.values(), *self.handles.values()])
@@ -118,6 +127,12 @@ class ForwardPass:
                 return  # its ancestors got theirs with it
             self.sentinels[path] = self.model._resolve(path).register_forward_pre_hook(_no_op)
 
+    def record(self, event: Event, recorder) -> None:
+        """Call `recorder(self, event)` each time the model computes `event`, after the invokes
+        waiting there (so it sees their edits)."""
+        self.recorders[event].append(recorder)
+        self._hook(event)
+
     def wait_name(self, reader: Invoke, producer: Invoke, name: str) -> None:
         self.name_waiting[(producer.index, name)].append(reader)
 
@@ -156,8 +171,12 @@ class ForwardPass:
                 _restore(view, content)
                 inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
             self._drain(self.waiting.pop(event, []))
+            for recorder in self.recorders.get(event, ()):
+                recorder(self, event)
         finally:
             self.current = None
+        if self.stop_requested and all(inv.done for inv in self.invokes):
+            raise EndForward
         if self.many:  # only an invoke that waits for another one ever asks (pause_across)
             self.flow_versions[event] = _versions(self.fired[event])
         return self.fired[event]
@@ -207,7 +226,8 @@ class ForwardPass:
         """Calls the trace must not see: aside calls, other threads' forwards, and modules no
         invoke waits for here."""
         return (self.aside_depth > 0 or threading.get_ident() != self.thread
-                or (not self.waiting.get(event) and event not in self.replays))
+                or (not self.waiting.get(event) and event not in self.replays
+                    and event not in self.recorders))
 
     def _input_hook(self, event: Event):
         def hook(module, args, kwargs):

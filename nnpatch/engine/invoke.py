@@ -23,6 +23,7 @@ import torch
 from ..errors import NNPatchError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .source import InvokeBody
+from .stopping import Stop
 
 Event = tuple[str, str]  # (module path, "input" | "output")
 
@@ -57,6 +58,7 @@ class Invoke:
         self.stale = False
         self.snapshots: dict[Event, Any] = {}  # content of values taken before the pause
         self.restart = False  # a value it took was edited after it flowed on: run again from the start
+        self.caches: list = []  # tracer.cache() objects it declared (recorded in each pass it runs in)
 
     # -- life in a pass --------------------------------------------------------------------------
     def start(self, pass_, rows: Rows, outer) -> None:
@@ -69,7 +71,10 @@ class Invoke:
         self.resume()
 
     def _run(self):
-        exec(self.body.code, self.namespace, self.namespace)
+        try:
+            exec(self.body.code, self.namespace, self.namespace)
+        except Stop:  # tracer.stop(): the rest of this invoke's program does not run
+            pass
         self.done = True
         self.waiting = None
         self.pass_.finished(self)

@@ -21,7 +21,8 @@ import types
 from typing import Any
 
 from ..errors import NNPatchError, NNPatchTypeError
-from . import gradients, source, tracebacks
+from . import gradients, source, stopping, tracebacks
+from .cache import make_cache
 from .forward import ForwardPass
 from .hooks import exclusive
 from .invoke import Barrier, Invoke, current_invoke, deadlock_error
@@ -104,6 +105,20 @@ class Tracer:
         once that invoke has assigned it for the last time); a barrier, where one is written,
         says where two invokes meet instead."""
         return Barrier(n)
+
+    def cache(self, modules=None, *, include_inputs: bool = False, include_output: bool = True,
+              device="cpu", dtype=None, detach: bool = True):
+        """Record this invoke's rows of every module's output (or of `modules`: envoys or paths),
+        after the trace's edits; read it after the trace as `cache["transformer.h.0"].output` or
+        `cache.transformer.h[0].output`. Call it at the start of an invoke. See `cache.Cache`
+        (memory, several calls per module)."""
+        return make_cache(self, modules, include_output=include_output,
+                                include_inputs=include_inputs, device=device, dtype=dtype, detach=detach)
+
+    def stop(self) -> None:
+        """End this invoke's program here, and the forward pass as soon as no invoke needs more
+        of it: modules after that point do not run (`stopping`)."""
+        stopping.request_stop(self)
 
     # -- called by the compiled trace body -----------------------------------------------------
     def _invoke(self, spec: "InvokeInputs | None", index: int) -> Invoke:
