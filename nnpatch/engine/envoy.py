@@ -15,6 +15,7 @@ from ..errors import NNPatchAttributeError, NNPatchError, NNPatchIndexError, NNP
 from .hooks import resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
+from .skip import request_skip
 
 _OWN = ("output", "input", "inputs")
 
@@ -126,6 +127,12 @@ class Envoy:
             raise NNPatchError(f"{self._path or 'model'} was called without a tensor input "
                                f"(keyword inputs: {sorted(kwargs)}); it has no .input, read .inputs instead")
         return slot
+
+    def skip(self, value) -> None:
+        """Do not run this module for the current invoke: `value` is its output (same structure
+        and shapes). Call it before the model reaches the module, or while reading its own input
+        (`h.skip(h.input)`); see `skip`."""
+        request_skip(self, value)
 
     def __setattr__(self, name, value):
         inv = self._invoke() if name in _OWN else None

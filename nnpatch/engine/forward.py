@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from ..errors import NNPatchError, NNPatchTypeError, NNPatchValueError
+from . import skip
 from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
-from .stopping import EndForward
 from .invoke import Event, Invoke, event_name, out_of_order, torch_state
+from .stopping import EndForward
 
 
 class ForwardPass:
@@ -53,6 +54,8 @@ class ForwardPass:
         self.resumes = 0  # times an invoke ran (progress, for deadlock detection)
         self.stop_requested = False  # an invoke called tracer.stop()
         self.recorders: dict[Event, list] = defaultdict(list)  # tracer.cache(): fn(pass, event)
+        self.skips: dict[str, list] = {}  # module path -> [(invoke, value)] (module.skip)
+        self.gates: dict[str, tuple] = {}  # module path -> (module, its previous forward attribute)
         # The trace's grad mode is the caller's; values are made differentiable when the body
         # asks for gradients, even of a model whose parameters do not require them.
         self.torch_state = torch_state()
@@ -71,13 +74,14 @@ class ForwardPass:
             for inv in self.rows:
                 for cache in inv.caches:
                     cache.attach(self, inv)
-            if any(not inv.done for inv in self.invokes):
+            if any(not inv.done for inv in self.invokes) or self.skips or self.recorders:
                 try:
                     self.output = self.model._forward(self.batch)
                 except EndForward:  # tracer.stop(): no invoke needs the rest of the forward
                     pass
             self._drain()
         finally:
+            skip.remove_gates(self)
             remove_all([*self.sentinels.values(), *self.handles.values()])
             self.handles.clear()
             self.sentinels.clear()
@@ -116,6 +120,8 @@ class ForwardPass:
             hook = self._input_hook(event) if kind == "input" else self._output_hook(event)
             self.handles[event] = attach(module, kind, hook)
             self._sentinels(path)
+            if kind == "input":  # an invoke that reads a module's input may skip it (module.skip)
+                skip.install_gate(self, path)
 
     def _sentinels(self, path: str) -> None:
         """A no-op hook on every ancestor of a hooked module. PyTorch decides when a module's
@@ -189,6 +195,8 @@ class ForwardPass:
     def _finish(self) -> None:
         """After the forward pass: an invoke paused for a module that never came read modules
         out of order; invokes paused for another invoke go on in the next pass."""
+        if not self.stop_requested:
+            skip.check_all_used(self)
         self.ready.clear()
         for inv in self.invokes:
             if inv.done:
