@@ -181,7 +181,7 @@ class ForwardPass:
                 recorder(self, event)
         finally:
             self.current = None
-        if self.stop_requested and all(inv.done for inv in self.invokes):
+        if self.stop_requested and all(inv.done or inv.default for inv in self.invokes):
             raise EndForward
         if self.many:  # only an invoke that waits for another one ever asks (pause_across)
             self.flow_versions[event] = _versions(self.fired[event])
@@ -200,6 +200,10 @@ class ForwardPass:
         self.ready.clear()
         for inv in self.invokes:
             if inv.done:
+                continue
+            if inv.default and self.stop_requested:  # an edit of modules that tracer.stop() cut off
+                inv.close()
+                inv.done = True
                 continue
             if inv.restart:  # its values before the pause are lost: run it again from the start
                 inv.close()

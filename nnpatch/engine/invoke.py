@@ -31,6 +31,8 @@ Event = tuple[str, str]  # (module path, "input" | "output")
 class Invoke:
     """One invoke's program, run as a greenlet alongside the forward pass."""
 
+    default = False  # an edit of the model (engine/edit.py), replayed in every forward pass
+
     def __init__(self, tracer, body: InvokeBody, spec, index: int):
         self.tracer, self.body, self.spec, self.index = tracer, body, spec, index
         self.bound: dict[str, Any] = {}  # trace-level names as they were where the invoke is written

@@ -23,8 +23,10 @@ import torch
 from .. import bundled
 from ..errors import NNPatchTypeError, NNPatchValueError
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
+from .edit import EditTracer, edits_of
 from .envoy import Envoy
 from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
+from .session import Session
 from .tracing import Tracer
 
 
@@ -94,6 +96,20 @@ class Model(Envoy):
         """Open a trace. With inputs, the body of the with-block is one invoke on them;
         without, the body holds `with tracer.invoke(...)` blocks that run batched together."""
         return Tracer(self, inputs, kwargs)
+
+    def edit(self, *, inplace: bool = False):
+        """Interventions applied to every later trace: `with model.edit() as (tracer, edited):`
+        edits a copy (`edited`, sharing the torch module), `inplace=True` edits this wrapper
+        (`with model.edit(inplace=True) as tracer:`); `clear_edits()` removes them (`edit`)."""
+        return EditTracer(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit of this wrapper (`model.edit`)."""
+        edits_of(self).clear()
+
+    def session(self) -> Session:
+        """Several traces in one block, holding the model for all of them (`session`)."""
+        return Session(self)
 
     def of(self, invoke) -> Envoy:
         """The module tree as another invoke of the same trace sees it (read-only).

@@ -23,6 +23,8 @@ from typing import Any
 from ..errors import NNPatchError, NNPatchTypeError
 from . import gradients, source, stopping, tracebacks
 from .cache import make_cache
+from .edit import default_invokes
+from .session import count_trace
 from .forward import ForwardPass
 from .hooks import exclusive
 from .invoke import Barrier, Invoke, current_invoke, deadlock_error
@@ -90,6 +92,7 @@ class Tracer:
         finally:
             self._pending.clear()
         _write_back(frame, namespace.assigned(), self._program.globals)
+        count_trace(self.model)
         return True
 
     # -- the public surface ---------------------------------------------------------------------
@@ -153,7 +156,7 @@ class Tracer:
     def _run_passes(self, group: list[Invoke], todo: list[Invoke]) -> None:
         try:
             while todo:
-                forward = ForwardPass(self, group, todo)
+                forward = ForwardPass(self, group, default_invokes(self) + todo)
                 forward.run()
                 todo = [inv for inv in todo if not inv.done]
                 if todo and not forward.resumes:
