@@ -12,6 +12,7 @@ import difflib
 import torch
 
 from ..errors import NNPatchAttributeError, NNPatchError, NNPatchIndexError, NNPatchKeyError
+from . import aliases
 from .hooks import resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
@@ -39,6 +40,12 @@ class Envoy:
         sub = module._modules.get(name) if hasattr(module, "_modules") else None
         if sub is not None:
             return self._child(name, sub)
+        alias = aliases.lookup(self._root.__dict__.get("_rename") or {}, module, self._path, name)
+        if alias is not None:  # rename={...}: the aliased module's own envoy
+            envoy = self
+            for part in alias.split("."):
+                envoy = envoy[part]
+            return envoy
         try:
             return getattr(module, name)
         except AttributeError:

@@ -22,6 +22,7 @@ import torch
 
 from .. import bundled
 from ..errors import NNPatchTypeError, NNPatchValueError
+from . import aliases
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
 from .edit import EditTracer, edits_of
 from .envoy import Envoy
@@ -43,7 +44,7 @@ def _on_module(name: str, doc: str):
 class Model(Envoy):
     """Wraps any torch.nn.Module for tracing. Attribute access walks the module tree."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, rename: dict | None = None):
         if not isinstance(module, torch.nn.Module):
             raise NNPatchTypeError(f"Model() wraps a torch.nn.Module, got {type(module).__name__}")
         # A torch.compile'd model: traces run the module it compiled (hooks and interventions do
@@ -53,6 +54,8 @@ class Model(Envoy):
             module = original
         super().__init__(module, "", self)
         object.__setattr__(self, "_accepts", forward_parameters(module))
+        # `rename=`: extra names for modules (see `aliases`), checked before anything uses them
+        object.__setattr__(self, "_rename", aliases.check(module, rename, set(dir(type(self)))))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -157,14 +160,15 @@ class LanguageModel(Model):
     tokenizer does not know are errors that name them, raised before the model runs.
     """
 
-    def __init__(self, name_or_path_or_module, tokenizer=None, **from_pretrained_kwargs):
+    def __init__(self, name_or_path_or_module, tokenizer=None, rename: dict | None = None,
+                 **from_pretrained_kwargs):
         if isinstance(name_or_path_or_module, torch.nn.Module):
             module = name_or_path_or_module
             if tokenizer is None:
                 tokenizer = _tokenizer_beside(module)
         else:
             module, tokenizer = _load(str(name_or_path_or_module), tokenizer, from_pretrained_kwargs)
-        super().__init__(module)
+        super().__init__(module, rename=rename)
         object.__setattr__(self, "tokenizer", tokenizer)
 
     def _prepare(self, invokes):
