@@ -21,6 +21,7 @@ from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
 from .invoke import Event, Invoke, event_name, out_of_order, torch_state
+from .scan import prepare_scan, scan_mode
 from .stopping import EndForward
 
 
@@ -35,6 +36,7 @@ class ForwardPass:
                                "a promptless invoke acts on the other invokes' rows, so give at "
                                "least one invoke inputs")
         self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in given])
+        prepare_scan(tracer, self.batch)
         # Known before any invoke starts, so one invoke can read a later one's rows (model.of).
         own = dict(zip(given, self.batch.rows))
         self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
@@ -62,6 +64,11 @@ class ForwardPass:
         self.grad = tracer._program.uses_grad and torch.is_grad_enabled()
 
     def run(self) -> None:
+        with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
+            self._run()
+        self._finish()
+
+    def _run(self) -> None:
         outer = self._outer()
         try:
             for inv, rows in self.rows.items():
@@ -85,7 +92,6 @@ class ForwardPass:
             remove_all([*self.sentinels.values(), *self.handles.values()])
             self.handles.clear()
             self.sentinels.clear()
-        self._finish()
 
     def _outer(self):
         return self.tracer._outer_namespace

@@ -95,10 +95,15 @@ class Model(Envoy):
         return torch.get_default_dtype()
 
     # -- entry points -------------------------------------------------------------------------
-    def trace(self, *inputs: Any, **kwargs: Any):
+    def trace(self, *inputs: Any, scan: bool = False, **kwargs: Any):
         """Open a trace. With inputs, the body of the with-block is one invoke on them;
-        without, the body holds `with tracer.invoke(...)` blocks that run batched together."""
-        return Tracer(self, inputs, kwargs)
+        without, the body holds `with tracer.invoke(...)` blocks that run batched together.
+        `scan=True` computes shapes only, with fake tensors (see `scan`)."""
+        return Tracer(self, inputs, kwargs, scan=scan)
+
+    def scan(self, *inputs: Any, **kwargs: Any):
+        """A trace that computes shapes, not values (fake tensors): `with model.scan(x):`."""
+        return Tracer(self, inputs, kwargs, scan=True)
 
     def edit(self, *, inplace: bool = False):
         """Interventions applied to every later trace: `with model.edit() as (tracer, edited):`

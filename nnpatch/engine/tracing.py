@@ -46,8 +46,9 @@ class Tracer:
         True
     """
 
-    def __init__(self, model, inputs: tuple, kwargs: dict):
+    def __init__(self, model, inputs: tuple, kwargs: dict, scan: bool = False):
         self.model = model
+        self.scan = scan  # shapes only, with fake tensors (engine/scan.py)
         self._inputs = (inputs, kwargs) if (inputs or kwargs) else None
         self._pending: list[Invoke] = []
         self._invokes: list[Invoke] = []
