@@ -124,8 +124,9 @@ class Cache:
     def __getattr__(self, name: str) -> "CacheView":
         if name.startswith("_"):
             raise AttributeError(name)
-        if name == "model" and not hasattr(self._model._module, "model"):
-            return CacheView(self, "")  # nnsight names the root `model`
+        if name == "model":  # nnsight names the root `model` (see CacheView)
+            inner = "model" if "model" in self._model._module._modules else None
+            return CacheView(self, "", fallback=inner)
         return CacheView(self, "")._walk(name)
 
     def __len__(self) -> int:
@@ -147,8 +148,12 @@ class CacheView:
     """The recorded calls of one module: `.output`, `.input`, `.inputs`, `.calls`; walking on
     (`view.mlp`, `view[0]`) reaches the modules below it."""
 
-    def __init__(self, cache: Cache, path: str):
+    def __init__(self, cache: Cache, path: str, fallback: str | None = None):
         self._cache, self._path = cache, path
+        # `cache.model` is the root, as in nnsight; for a model whose root has a child named
+        # `model` (Llama), names the root lacks are looked up on that child, so that
+        # `cache.model.layers[0]` (nnpatch's path) and `cache.model.model.layers[0]` both work.
+        self._fallback = fallback
 
     @property
     def calls(self) -> list[Entry]:
@@ -193,8 +198,16 @@ class CacheView:
         return self._walk(key)
 
     def _walk(self, key) -> "CacheView":
+        try:
+            return self._step(self._path, key)
+        except (NNPatchError, AttributeError, KeyError, IndexError):
+            if self._fallback is None:
+                raise
+            return self._step(self._fallback, key)
+
+    def _step(self, path: str, key) -> "CacheView":
         envoy = self._cache._model
-        for part in filter(None, self._path.split(".")):
+        for part in filter(None, path.split(".")):
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
         child = envoy[key] if isinstance(key, int) else getattr(envoy, key)
         return CacheView(self._cache, child._path)

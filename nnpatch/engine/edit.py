@@ -76,7 +76,6 @@ class EditTracer:
 
     def __exit__(self, exc_type, exc, tb):
         __tracebackhide__ = True  # noqa: F841
-        from .tracing import _write_back
         frame = self._frame
         source.restore_tracing(frame, self._previous_tracer)
         del self._frame
@@ -94,7 +93,7 @@ class EditTracer:
                  **targets}
         bound = {n: scope[n] for n in body.reads if n in scope}
         edits_of(self.edited).append(Edit(body, bound))
-        _write_back(frame, targets, program.globals)
+        source.write_back(frame, targets, program.globals)
         return True
 
 

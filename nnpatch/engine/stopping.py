@@ -17,8 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-from ..errors import NNPatchError
-
 
 class Stop(BaseException):
     """Raised by `tracer.stop()` inside an invoke: the rest of its program is skipped."""
@@ -27,16 +25,3 @@ class Stop(BaseException):
 class EndForward(BaseException):
     """Raised from a hook once every invoke is done and one asked to stop: ends the forward."""
 
-
-def request_stop(tracer) -> None:
-    """`tracer.stop()`, called from an invoke's program."""
-    from .invoke import current_invoke
-    inv = current_invoke()
-    if inv is None or inv.tracer is not tracer:
-        raise NNPatchError(
-            "tracer.stop() ends the forward pass from inside an invoke; call it in a "
-            "`with tracer.invoke(...)` block (or the body of `model.trace(input)`) after the last "
-            "value that invoke needs")
-    if inv.pass_ is not None:
-        inv.pass_.stop_requested = True
-    raise Stop
