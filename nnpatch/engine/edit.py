@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NNPatchError
-from . import source, tracebacks
+from . import frames, source, tracebacks
 from .invoke import Invoke
 from .source import InvokeBody
 
@@ -93,7 +93,7 @@ class EditTracer:
                  **targets}
         bound = {n: scope[n] for n in body.reads if n in scope}
         edits_of(self.edited).append(Edit(body, bound))
-        source.write_back(frame, targets, program.globals)
+        frames.write_back(frame, targets, program.globals)
         return True
 
 

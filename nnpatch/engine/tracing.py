@@ -21,7 +21,7 @@ import types
 from typing import Any
 
 from ..errors import NNPatchError, NNPatchTypeError
-from . import gradients, source, stopping, tracebacks
+from . import frames, gradients, source, stopping, tracebacks
 from .cache import make_cache
 from .edit import default_invokes
 from .forward import ForwardPass
@@ -92,7 +92,7 @@ class Tracer:
             raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
         finally:
             self._pending.clear()
-        source.write_back(frame, namespace.assigned(), self._program.globals)
+        frames.write_back(frame, namespace.assigned(), self._program.globals)
         count_trace(self.model)
         return True
 
