@@ -109,7 +109,8 @@ class Cache:
 
     # -- reading ---------------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        """The recorded module paths, in the order the model first called them."""
+        """The recorded module paths, in the order of their first record: the order the modules
+        were called in with include_inputs=True, else the order they returned in."""
         return list(self.entries)
 
     def __contains__(self, key) -> bool:
