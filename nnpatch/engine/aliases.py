@@ -63,6 +63,12 @@ def lookup(table: dict, module: torch.nn.Module, path: str, name: str) -> str | 
     return None
 
 
+def names_at(table: dict, module: torch.nn.Module, path: str) -> list[str]:
+    """The aliases bound on the envoy at `path` (for the nearest names in errors)."""
+    found = (_binding(table, module, path, key, alias) for key, aliases in table.items() for alias in aliases)
+    return [f[0] for f in found if f is not None]
+
+
 def _binding(table, host: torch.nn.Module, path: str, key: str, alias: str):
     """(name bound on `host`, relative path it leads to) for one key and alias, or None."""
     if "." in alias:

@@ -40,7 +40,8 @@ class Envoy:
         sub = module._modules.get(name) if hasattr(module, "_modules") else None
         if sub is not None:
             return self._child(name, sub)
-        alias = aliases.lookup(self._root.__dict__.get("_rename") or {}, module, self._path, name)
+        table = self._root.__dict__.get("_rename") or {}
+        alias = aliases.lookup(table, module, self._path, name)
         if alias is not None:  # rename={...}: the aliased module's own envoy
             envoy = self
             for part in alias.split("."):
@@ -51,6 +52,7 @@ class Envoy:
         except AttributeError:
             pass
         names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]
+        names += aliases.names_at(table, module, self._path)
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
         where = self._path or "the model"
         hint = f"; did you mean {', '.join(close)}?" if close else f"; it has: {', '.join(names[:12])}"
