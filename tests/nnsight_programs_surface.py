@@ -175,3 +175,33 @@ def session_three_traces_in_a_loop(model, S):
             scale = scale * 0.5
     return {"outs": list(outs)}
 
+
+
+# -- .source ----------------------------------------------------------------------------------------
+
+@program("gpt2e", "llamae")
+def source_reads_the_attention_weights(model, S):
+    with model.trace(S.A):
+        weights = S.attn(model, 1).source.attention_interface_1.output[1].save()
+        logits = model.lm_head.output.save()
+    return {"weights": weights, "logits": logits}
+
+
+@program("gpt2e", "llamae")
+def source_edits_the_attention_weights(model, S):
+    with model.trace(S.B):
+        S.attn(model, 0).source.attention_interface_1.output[1][:, :, -1] = 0
+        h0 = S.layers(model)[0].output.save()
+        logits = model.lm_head.output.save()
+    return {"h0": h0, "logits": logits}
+
+
+@program(*SURFACE)
+def source_edits_the_mlp_activation(model, S):
+    act = "self_act_0" if S.gpt2 else "self_act_fn_0"
+    with model.trace(S.C):
+        before = getattr(S.mlp(model, 1).source, act).output.clone().save()
+        getattr(S.mlp(model, 1).source, act).output[:, -1] = 0
+        out = S.mlp(model, 1).output.save()
+        logits = model.lm_head.output.save()
+    return {"before": before, "out": out, "logits": logits}

@@ -16,6 +16,7 @@ from . import aliases
 from .hooks import resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
+from .module_source import Source
 from .skip import request_skip
 
 _OWN = ("output", "input", "inputs")
@@ -136,6 +137,12 @@ class Envoy:
             raise NNPatchError(f"{self._path or 'model'} was called without a tensor input "
                                f"(keyword inputs: {sorted(kwargs)}); it has no .input, read .inputs instead")
         return slot
+
+    @property
+    def source(self) -> Source:
+        """The operations of this module's forward (`print` it to list them); inside a trace,
+        `.source.<name>.output` reads or sets one (see `module_source`)."""
+        return Source(self)
 
     def skip(self, value) -> None:
         """Do not run this module for the current invoke: `value` is its output (same structure

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import NNPatchError, NNPatchTypeError, NNPatchValueError
-from . import skip
+from . import module_source, skip
 from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
@@ -120,6 +120,10 @@ class ForwardPass:
         self._hook(event)
 
     def _hook(self, event: Event) -> None:
+        if module_source.is_source_event(event):  # a value inside a module's forward (.source)
+            module_source.install(self, event[0], lambda t: _fresh(t, self.grad))
+            self._sentinels(event[0] + ".source")  # the module and its ancestors (see _sentinels)
+            return
         if event not in self.handles:
             path, kind = event
             module = self.model._resolve(path)

@@ -31,7 +31,7 @@ import torch
 from ..errors import NNPatchError, NNPatchValueError
 from .batching import map_tensors
 
-_ABSENT = object()
+ABSENT = object()  # a module without an instance-level forward before its gate
 
 
 def request_skip(envoy, value) -> None:
@@ -59,7 +59,7 @@ def install_gate(pass_, path: str) -> None:
     if path in pass_.gates or not path:
         return
     module = pass_.model._resolve(path)
-    previous = module.__dict__.get("forward", _ABSENT)
+    previous = module.__dict__.get("forward", ABSENT)
     original = module.forward
 
     def gate(*args, **kwargs):
@@ -76,7 +76,7 @@ def install_gate(pass_, path: str) -> None:
 
 def remove_gates(pass_) -> None:
     for module, previous in reversed(list(pass_.gates.values())):
-        if previous is _ABSENT:
+        if previous is ABSENT:
             module.__dict__.pop("forward", None)
         else:
             module.forward = previous
