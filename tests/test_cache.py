@@ -196,3 +196,34 @@ def test_the_bundled_model_caches_every_block():
     assert len(cache) == len(outs)
     for i, o in outs.items():
         assert close(cache[f"transformer.h.{i}"].output, o)
+
+
+def test_steps_accumulate_and_a_replayed_pass_replaces_its_own_step(lm, hf):
+    """What a generation driver does: one forward pass per step, `cache.step = k` before it."""
+    class Pass:  # the two things Cache.attach uses of a forward pass
+        def __init__(self):
+            self.recorders = {}
+
+        def record(self, event, recorder):
+            self.recorders.setdefault(event, []).append(recorder)
+
+        def view(self, inv, event):
+            return self.values[event]
+
+    with lm.trace(prompt(1, 2)) as tracer:
+        cache = tracer.cache(modules=["lm_head"])
+    first_step = cache["lm_head"].output
+    passes = []
+    for step, replays in [(1, 1), (2, 2)]:  # step 2 runs twice: a further pass replays it
+        for attempt in range(replays):
+            p = Pass()
+            cache.step = step
+            cache.attach(p, None)
+            p.values = {("lm_head", "output"): torch.full((1, 1, 60), float(10 * step + attempt))}
+            for recorder in p.recorders[("lm_head", "output")]:
+                recorder(p, ("lm_head", "output"))
+            passes.append(p)
+    calls = cache["lm_head"].calls
+    assert [c.step for c in calls] == [0, 1, 2]
+    assert torch.equal(calls[0].output, first_step)
+    assert calls[1].output.unique().tolist() == [10.0] and calls[2].output.unique().tolist() == [21.0]

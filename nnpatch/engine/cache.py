@@ -12,8 +12,11 @@ returned, after every invoke's edits at that module (post-intervention), detache
 A module called several times in one trace (a module shared between layers, or one call per
 generation step) records one `Entry` per call, in call order: `cache[path].calls` is that list,
 and `.output` is the single value when there was one call, else the list of values (nnsight's
-convention). When an invoke continues in a further forward pass (a dependency on another
-invoke), the cache keeps the calls of the last pass, which replays the earlier values.
+convention). Each entry carries the cache's `step` when it was recorded: a driver that runs one
+forward pass per generation step sets `cache.step = k` before step k's pass, and the entries of
+all steps accumulate. When an invoke continues in a further forward pass of the same step (a
+dependency on another invoke), that pass replays the earlier values and its calls replace the
+ones the step recorded before.
 
 Example:
     >>> import torch, nnpatch
@@ -44,6 +47,7 @@ class Entry:
 
     output: Any = None
     inputs: tuple | None = None
+    step: int = 0  # the cache's step when it was recorded (a generation step; 0 in a trace)
 
     @property
     def input(self) -> Any:
@@ -74,12 +78,14 @@ class Cache:
         self._include_output, self._include_inputs = include_output, include_inputs
         self._device, self._dtype, self._detach = device, dtype, detach
         self.entries: dict[str, list[Entry]] = {}
+        self.step = 0
 
     # -- recording (called by the forward pass) ----------------------------------------------------
     def attach(self, pass_, inv) -> None:
-        """Record `inv`'s rows in this forward pass (what earlier passes recorded is replaced:
-        a further pass replays those values)."""
-        self.entries = {}
+        """Record `inv`'s rows in this forward pass (what earlier passes of this step recorded is
+        replaced: a further pass replays those values)."""
+        kept = {p: [e for e in calls if e.step != self.step] for p, calls in self.entries.items()}
+        self.entries = {p: calls for p, calls in kept.items() if calls}
         paths = self._paths if self._paths is not None else [p for p, _ in self._model._module.named_modules()]
         for path in paths:
             if self._include_inputs:
@@ -97,9 +103,9 @@ class Cache:
             if kind == "output" and self._include_inputs and calls and calls[-1].output is _OPEN:
                 calls[-1].output = value
             elif kind == "output":
-                calls.append(Entry(output=value))
+                calls.append(Entry(output=value, step=self.step))
             else:
-                calls.append(Entry(output=_OPEN if self._include_output else None, inputs=value))
+                calls.append(Entry(output=_OPEN if self._include_output else None, inputs=value, step=self.step))
         return record
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
@@ -166,6 +172,9 @@ class CacheView:
                 f"{where} was not recorded by this cache: it was not among the cached modules, or "
                 "the model did not call it (tracer.stop() before it, a skipped parent). Recorded: "
                 f"{', '.join(list(self._cache.entries)[:8]) or 'nothing'}")
+        for entry in found:
+            if entry.output is _OPEN:  # a call that never returned (tracer.stop() inside it)
+                entry.output = None
         return found
 
     def _values(self, attr: str):
