@@ -197,6 +197,25 @@ class ForwardPass:
             self.flow_versions[event] = _versions(self.fired[event])
         return self.fired[event]
 
+    def _record(self, event: Event, value):
+        """An event only caches record (no invoke waits there): the bookkeeping of `_dispatch`
+        without handing the value out, so the model's own tensor flows on (the caches copy it)."""
+        self.current = event
+        self.ticks += 1
+        self.fired[event] = value
+        try:
+            for recorder in self.recorders[event]:
+                recorder(self, event)
+        finally:
+            self.current = None
+        if self.many:
+            self.flow_versions[event] = _versions(value)
+        if self.stop_requested and all(inv.done or inv.default for inv in self.invokes):
+            raise EndForward
+
+    def _recorded_only(self, event: Event) -> bool:
+        return event in self.recorders and not self.waiting.get(event) and event not in self.replays
+
     def unchanged_since_flow(self, event: Event) -> bool:
         """Whether the batched value of `event` is as it was when it flowed on (no in-place
         edit since; conservative: an edit of any invoke's rows counts)."""
@@ -255,6 +274,9 @@ class ForwardPass:
         def hook(module, args, kwargs):
             if self._ignores(event):
                 return None
+            if self._recorded_only(event):
+                self._record(event, (args, kwargs))
+                return None
             slot = input_slot(args, kwargs)
             if slot is not None:  # the input an invoke may edit gets a private copy
                 args, kwargs = with_input(args, kwargs, slot, _fresh(read_input(args, kwargs, slot), self.grad))
@@ -264,6 +286,9 @@ class ForwardPass:
     def _output_hook(self, event: Event):
         def hook(module, args, kwargs, output):
             if self._ignores(event):
+                return None
+            if self._recorded_only(event):
+                self._record(event, output)
                 return None
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook

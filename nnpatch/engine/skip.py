@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -68,7 +69,7 @@ def install_gate(pass_, path: str) -> None:
             if entries:
                 pass_.skips[path] = entries
             return original(*args, **kwargs)
-        return _skipped_call(pass_, path, original, entries, args, kwargs)
+        return _skipped_call(pass_, path, module, original, entries, args, kwargs)
 
     pass_.gates[path] = (module, previous)
     module.forward = gate
@@ -94,14 +95,14 @@ def check_all_used(pass_) -> None:
             f"is not called for these inputs. Call skip before reading values inside {left[0]}")
 
 
-def _skipped_call(pass_, path, original, entries, args, kwargs):
+def _skipped_call(pass_, path, module, original, entries, args, kwargs):
     size = pass_.batch.size
     if len(entries) == 1:
         inv, value = entries[0]
         rows = pass_.rows[inv]
         if rows.start == 0 and rows.stop == size and not rows.pad:  # the whole batch skips
             with pass_.aside():  # the probe's inner module calls are not the trace's
-                expected = _expected_output(original, args, kwargs)
+                expected = _expected_output(module, original, args, kwargs)
             if expected is not None:
                 return _conform(value, expected, path)
     output = original(*args, **kwargs)  # other rows need the module: run it, then replace rows
@@ -112,10 +113,14 @@ def _skipped_call(pass_, path, original, entries, args, kwargs):
     return output
 
 
-def _expected_output(original, args, kwargs):
+# What each module returned for the argument shapes it was probed with (probing costs a few ms).
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _expected_output(module, original, args, kwargs):
     """What the module would return, as fake tensors (shapes, dtypes, structure; no arithmetic),
     or None when it cannot run on fake tensors. Cache objects in the arguments are left out, so
-    that the probe changes nothing."""
+    that the probe changes nothing. Kept per module and argument shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     cache_type = getattr(sys.modules.get("transformers.cache_utils"), "Cache", None)
 
@@ -124,11 +129,32 @@ def _expected_output(original, args, kwargs):
 
     args = tuple(no_cache(a) for a in args)
     kwargs = {k: no_cache(v) for k, v in kwargs.items()}
+    key = (_signature(args), _signature(kwargs))
+    probed = _PROBED.setdefault(module, {})
+    if key in probed:
+        return probed[key]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            return original(*args, **kwargs)
+            expected = original(*args, **kwargs)
     except Exception:  # noqa: BLE001 - a module fake tensors cannot run: the caller runs it for real
-        return None
+        expected = None
+    if len(probed) < 64:
+        probed[key] = expected
+    return expected
+
+
+def _signature(value):
+    """What decides the shapes a call returns: tensors' shapes, dtypes and devices, the values of
+    plain Python arguments, and the identity of any other object."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _signature(v)) for k, v in value.items()))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", id(value))
 
 
 def _conform(value, expected, path: str):
