@@ -205,3 +205,26 @@ def source_edits_the_mlp_activation(model, S):
         out = S.mlp(model, 1).output.save()
         logits = model.lm_head.output.save()
     return {"before": before, "out": out, "logits": logits}
+
+
+# -- rename= ----------------------------------------------------------------------------------------
+
+RENAME = {"transformer.h": "layers", "model.layers": "layers", "attn": "attention", "self_attn": "attention"}
+
+
+@program(*SURFACE)
+def rename_reads_and_edits_through_aliases(model, S):
+    renamed = type(model)(model._module, tokenizer=model.tokenizer, rename=RENAME)
+    with renamed.trace(S.A):
+        renamed.layers[0].output[:, -1] *= 0.5
+        attention = renamed.layers[1].attention.output[0].save()
+        logits = renamed.lm_head.output.save()
+    return {"attention": attention, "logits": logits}
+
+
+@program(*SURFACE)
+def rename_in_a_cache(model, S):
+    renamed = type(model)(model._module, tokenizer=model.tokenizer, rename=RENAME)
+    with renamed.trace(S.B) as tracer:
+        cache = tracer.cache(modules=[renamed.layers[2], renamed.layers[0].attention])
+    return {"h2": cache.model.layers[2].output, "attn0": cache.model.layers[0].attention.output[0]}
