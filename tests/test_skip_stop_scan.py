@@ -205,3 +205,19 @@ def test_scan_checks_edits_as_a_trace_does(lm, hf):
     with lm.scan(prompt(1, 2)) as tracer:
         cache = tracer.cache(modules=["lm_head"])
     assert cache["lm_head"].output.shape == (1, 2, 60)
+
+
+def test_ctrl_c_mid_forward_leaves_no_gate_or_hook(lm, hf):
+    def interrupt(m, a, o):
+        raise KeyboardInterrupt
+    handle = blocks(hf)[1].register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with lm.trace(prompt(1, 2, 3)) as tracer:
+                tracer.cache(modules=[block_envoys(lm)[0]])
+                block_envoys(lm)[2].skip(block_envoys(lm)[2].input)
+                block_envoys(lm)[1].mlp.source.names and block_envoys(lm)[0].output.sum()
+                lm.output.logits.save()
+    finally:
+        handle.remove()
+    assert untouched(hf)

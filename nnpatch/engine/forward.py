@@ -57,7 +57,7 @@ class ForwardPass:
         self.stop_requested = False  # an invoke called tracer.stop()
         self.recorders: dict[Event, list] = defaultdict(list)  # tracer.cache(): fn(pass, event)
         self.skips: dict[str, list] = {}  # module path -> [(invoke, value)] (module.skip)
-        self.gates: dict[str, tuple] = {}  # module path -> (module, its previous forward attribute)
+        self.gates: dict[str, Any] = {}  # module path -> how to restore its forward (skip, .source)
         # The trace's grad mode is the caller's; values are made differentiable when the body
         # asks for gradients, even of a model whose parameters do not require them.
         self.torch_state = torch_state()
@@ -88,8 +88,8 @@ class ForwardPass:
                     pass
             self._drain()
         finally:
-            skip.remove_gates(self)
-            remove_all([*self.sentinels.values(), *self.handles.values()])
+            remove_all([*self.gates.values(), *self.sentinels.values(), *self.handles.values()])
+            self.gates.clear()
             self.handles.clear()
             self.sentinels.clear()
 

@@ -45,7 +45,7 @@ import types
 
 from ..errors import NNPatchAttributeError, NNPatchError
 from .batching import map_tensors
-from .skip import ABSENT
+from .skip import ForwardRestore
 
 OP = "__nnpatch_op__"
 
@@ -127,7 +127,7 @@ def install(pass_, path: str, fresh) -> None:
         return pass_._dispatch(event, map_tensors(fresh, value))
 
     forward = result.build(op)
-    pass_.gates[key] = (module, module.__dict__.get("forward", ABSENT))  # removed with the skip gates
+    pass_.gates[key] = ForwardRestore(module)  # removed with the pass's hooks
     module.forward = types.MethodType(forward, module)
 
 

@@ -56,11 +56,11 @@ def request_skip(envoy, value) -> None:
 
 
 def install_gate(pass_, path: str) -> None:
-    """Give the module at `path` a forward that honours pending skips (until `remove_gates`)."""
+    """Give the module at `path` a forward that honours pending skips (for this forward pass:
+    the pass removes its gates with its hooks)."""
     if path in pass_.gates or not path:
         return
     module = pass_.model._resolve(path)
-    previous = module.__dict__.get("forward", ABSENT)
     original = module.forward
 
     def gate(*args, **kwargs):
@@ -71,17 +71,22 @@ def install_gate(pass_, path: str) -> None:
             return original(*args, **kwargs)
         return _skipped_call(pass_, path, module, original, entries, args, kwargs)
 
-    pass_.gates[path] = (module, previous)
+    pass_.gates[path] = ForwardRestore(module)
     module.forward = gate
 
 
-def remove_gates(pass_) -> None:
-    for module, previous in reversed(list(pass_.gates.values())):
-        if previous is ABSENT:
-            module.__dict__.pop("forward", None)
+class ForwardRestore:
+    """Puts back a module's instance-level `forward` as it was (absent, or what it was) when
+    removed like a hook handle (`hooks.remove_all`, which holds Ctrl-C back meanwhile)."""
+
+    def __init__(self, module):
+        self.module, self.previous = module, module.__dict__.get("forward", ABSENT)
+
+    def remove(self) -> None:
+        if self.previous is ABSENT:
+            self.module.__dict__.pop("forward", None)
         else:
-            module.forward = previous
-    pass_.gates.clear()
+            self.module.forward = self.previous
 
 
 def check_all_used(pass_) -> None:
