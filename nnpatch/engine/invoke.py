@@ -25,7 +25,7 @@ from .batching import Rows, map_tensors
 from .source import InvokeBody
 from .stopping import Stop
 
-Event = tuple[str, str]  # (module path, "input" | "output")
+Event = tuple[str, str]  # (module path, "input" | "output" | "source.<operation>.output")
 
 
 class Invoke:

@@ -469,4 +469,3 @@ def _call_stmt(method: str, args: list) -> ast.stmt:
 def _at(new: ast.stmt, old: ast.AST) -> ast.stmt:
     """Give a generated statement the location of the user's statement it stands for."""
     return ast.fix_missing_locations(ast.copy_location(new, old))
-

@@ -116,8 +116,8 @@ class Tracer:
         after the trace's edits; read it after the trace as `cache["transformer.h.0"].output` or
         `cache.transformer.h[0].output`. Call it at the start of an invoke. See `cache.Cache`
         (memory, several calls per module)."""
-        return make_cache(self, modules, include_output=include_output,
-                                include_inputs=include_inputs, device=device, dtype=dtype, detach=detach)
+        return make_cache(self, modules, include_output=include_output, include_inputs=include_inputs,
+                          device=device, dtype=dtype, detach=detach)
 
     def stop(self) -> None:
         """End this invoke's program here, and the forward pass as soon as no invoke needs more
