@@ -162,3 +162,20 @@ def test_a_session_holds_the_model_until_it_ends(lm, hf):
         order.append("session")
     thread.join(30)
     assert order == ["session", "other"]
+
+
+def test_an_edit_of_later_layers_does_not_hold_up_stop(lm, hf):
+    with lm.edit() as (_, edited):
+        block_envoys(edited)[0].output[:] *= 2
+        block_envoys(edited)[2].output[:] = 0  # after the stop: never reached, and no error
+    text = prompt(4, 5, 6)
+    ran = []
+    handle = blocks(hf)[2].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with edited.trace(text) as tracer:
+            h1 = block_envoys(edited)[1].output.save()
+            tracer.stop()
+    finally:
+        handle.remove()
+    _, outs = hooked(hf, text, {0: lambda h: h * 2})
+    assert ran == [] and close(h1, outs[1]) and all_hooks(hf) == 0

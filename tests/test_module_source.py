@@ -123,3 +123,18 @@ def test_an_error_inside_the_instrumented_forward_leaves_nothing(lm, hf):
     assert untouched(hf)
     with torch.no_grad():  # the module's own forward is back
         assert type(blocks(hf)[0].mlp).forward is blocks(hf)[0].mlp.forward.__func__
+
+
+def test_source_in_a_scan_gives_shapes(lm, hf):
+    with lm.scan(prompt(1, 2, 3)):
+        shape = lm.transformer.h[0].attn.source.attention_interface_1.output[1].shape
+    assert shape == (1, 4, 3, 3) and untouched(hf)
+
+
+def test_a_module_without_python_source_is_a_clear_error():
+    namespace: dict = {}
+    exec("import torch\nclass Doubler(torch.nn.Module):\n    def forward(self, x):\n        return x * 2\n",
+         namespace)
+    net = nnpatch.Model(namespace["Doubler"]())
+    with pytest.raises(nnpatch.NNPatchError, match="Doubler.forward has no Python source"):
+        net.source
