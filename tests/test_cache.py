@@ -60,7 +60,7 @@ def test_every_module_of_one_invoke_equals_the_hooks(lm, hf):
         if isinstance(want_in[path][0], torch.Tensor):
             assert close(cache[path].input, want_in[path][0]), path
     assert compared >= 20
-    assert all_hooks(hf) == 0
+    assert all_hooks(hf) == 0 and not torch.nn.modules.module._global_forward_hooks
 
 
 def test_the_paths_and_attributes_all_reach_one_entry(lm, hf):
@@ -160,6 +160,7 @@ def test_an_unknown_module_is_a_clear_error_and_nothing_is_left(lm, hf):
             tracer.cache(modules=[block_envoys(lm)[0], bad])
     assert bad in str(info.value)
     assert all_hooks(hf) == 0 and not any("forward" in m.__dict__ for m in hf.modules())
+    assert not torch.nn.modules.module._global_forward_hooks
 
 
 def test_a_cache_after_a_read_or_outside_an_invoke_is_an_error(lm, hf):

@@ -19,7 +19,9 @@ def lm(hf):
 
 
 def untouched(hf):
-    return all_hooks(hf) == 0 and not any("forward" in m.__dict__ for m in hf.modules())
+    """No hook (module-level or process-wide) and no instance-level forward left behind."""
+    return (all_hooks(hf) == 0 and not any("forward" in m.__dict__ for m in hf.modules())
+            and not torch.nn.modules.module._global_forward_hooks)
 
 
 def logits_with(hf, text, replace):

@@ -58,6 +58,8 @@ class ForwardPass:
         self.recorders: dict[Event, list] = defaultdict(list)  # tracer.cache(): fn(pass, event)
         self.skips: dict[str, list] = {}  # module path -> [(invoke, value)] (module.skip)
         self.gates: dict[str, Any] = {}  # module path -> how to restore its forward (skip, .source)
+        self.recorded_outputs: dict[int, str] = {}  # id(module) -> path, for the global output hook
+        self.global_hook = None
         # The trace's grad mode is the caller's; values are made differentiable when the body
         # asks for gradients, even of a model whose parameters do not require them.
         self.torch_state = torch_state()
@@ -88,8 +90,10 @@ class ForwardPass:
                     pass
             self._drain()
         finally:
-            remove_all([*self.gates.values(), *self.sentinels.values(), *self.handles.values()])
+            globals_ = [self.global_hook] if self.global_hook is not None else []
+            remove_all([*self.gates.values(), *globals_, *self.sentinels.values(), *self.handles.values()])
             self.gates.clear()
+            self.global_hook = None
             self.handles.clear()
             self.sentinels.clear()
 
@@ -145,9 +149,27 @@ class ForwardPass:
 
     def record(self, event: Event, recorder) -> None:
         """Call `recorder(self, event)` each time the model computes `event`, after the invokes
-        waiting there (so it sees their edits)."""
+        waiting there (so it sees their edits). Outputs are recorded through one process-wide
+        forward hook rather than one hook per module (a cache of every module would otherwise
+        register and remove hundreds of hooks per pass); where an invoke waits, the module's own
+        hook records after handing the value out."""
         self.recorders[event].append(recorder)
-        self._hook(event)
+        path, kind = event
+        if kind == "input":
+            self._hook(event)
+            return
+        self.recorded_outputs[id(self.model._resolve(path))] = path
+        if self.global_hook is None:
+            self.global_hook = torch.nn.modules.module.register_module_forward_hook(self._recorded_output)
+
+    def _recorded_output(self, module, args, output):
+        path = self.recorded_outputs.get(id(module))
+        if path is None:  # another model's module, or one no cache records
+            return None
+        event = (path, "output")
+        if not self._ignores(event) and self._recorded_only(event):
+            self._record(event, output)
+        return None
 
     def wait_name(self, reader: Invoke, producer: Invoke, name: str) -> None:
         self.name_waiting[(producer.index, name)].append(reader)
@@ -285,10 +307,7 @@ class ForwardPass:
 
     def _output_hook(self, event: Event):
         def hook(module, args, kwargs, output):
-            if self._ignores(event):
-                return None
-            if self._recorded_only(event):
-                self._record(event, output)
+            if self._ignores(event) or self._recorded_only(event):  # caches: the global hook records
                 return None
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook
