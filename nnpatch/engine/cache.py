@@ -96,16 +96,17 @@ class Cache:
     def _recorder(self, inv):
         def record(pass_, event):
             value = map_tensors(self._copy, pass_.view(inv, event))
-            path, kind = event
+            path, kind = event[0], event[1]
+            step = event[2] if len(event) > 2 else self.step  # a generation's events carry their step
             calls = self.entries.setdefault(path, [])
             # A module's input comes before its output: the output completes the call that its
             # input opened, unless that call already has one (a new call without an input hook).
             if kind == "output" and self._include_inputs and calls and calls[-1].output is _OPEN:
                 calls[-1].output = value
             elif kind == "output":
-                calls.append(Entry(output=value, step=self.step))
+                calls.append(Entry(output=value, step=step))
             else:
-                calls.append(Entry(output=_OPEN if self._include_output else None, inputs=value, step=self.step))
+                calls.append(Entry(output=_OPEN if self._include_output else None, inputs=value, step=step))
         return record
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:

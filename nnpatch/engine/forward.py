@@ -162,11 +162,15 @@ class ForwardPass:
         if self.global_hook is None:
             self.global_hook = torch.nn.modules.module.register_module_forward_hook(self._recorded_output)
 
+    def event_now(self, path: str, kind: str) -> Event:
+        """The event the model computing `path`.`kind` is, now (a generation adds its step)."""
+        return (path, kind)
+
     def _recorded_output(self, module, args, output):
         path = self.recorded_outputs.get(id(module))
         if path is None:  # another model's module, or one no cache records
             return None
-        event = (path, "output")
+        event = self.event_now(path, "output")
         if not self._ignores(event) and self._recorded_only(event):
             self._record(event, output)
         return None
@@ -209,7 +213,7 @@ class ForwardPass:
                 _restore(view, content)
                 inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
             self._drain(self.waiting.pop(event, []))
-            for recorder in self.recorders.get(event, ()):
+            for recorder in self.recorders.get(event[:2], ()):  # (path, kind), whatever the step
                 recorder(self, event)
         finally:
             self.current = None
@@ -226,7 +230,7 @@ class ForwardPass:
         self.ticks += 1
         self.fired[event] = value
         try:
-            for recorder in self.recorders[event]:
+            for recorder in self.recorders[event[:2]]:
                 recorder(self, event)
         finally:
             self.current = None
@@ -236,7 +240,7 @@ class ForwardPass:
             raise EndForward
 
     def _recorded_only(self, event: Event) -> bool:
-        return event in self.recorders and not self.waiting.get(event) and event not in self.replays
+        return event[:2] in self.recorders and not self.waiting.get(event) and event not in self.replays
 
     def unchanged_since_flow(self, event: Event) -> bool:
         """Whether the batched value of `event` is as it was when it flowed on (no in-place
@@ -290,7 +294,7 @@ class ForwardPass:
         invoke waits for here."""
         return (self.aside_depth > 0 or threading.get_ident() != self.thread
                 or (not self.waiting.get(event) and event not in self.replays
-                    and event not in self.recorders))
+                    and event[:2] not in self.recorders))
 
     def _input_hook(self, event: Event):
         def hook(module, args, kwargs):

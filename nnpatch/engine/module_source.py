@@ -88,23 +88,32 @@ class Operation:
 
     def __init__(self, envoy, name: str):
         object.__setattr__(self, "_envoy", envoy)
-        object.__setattr__(self, "_event", (envoy._path, f"source.{name}.output"))
+        object.__setattr__(self, "_name", name)
+
+    def _event(self, inv):
+        kind = f"source.{self._name}.output"
+        at = getattr(inv, "at", None)  # an invoke whose reads bind to a generation step
+        return at(self._envoy._path, kind) if at is not None else (self._envoy._path, kind)
 
     @property
     def output(self):
-        return self._envoy._read(self._event)
+        envoy = self._envoy
+        inv = envoy._invoke()
+        if envoy._of is None or envoy._of is inv:
+            return inv.value(self._event(inv))
+        return inv.value_of(envoy._of, self._event(inv))
 
     def __setattr__(self, name, value):
-        if name != "output":
-            raise NNPatchAttributeError(f"only .output of {self._envoy._path}.source.{self._event[1][7:-7]} can be set")
         envoy = self._envoy
+        if name != "output":
+            raise NNPatchAttributeError(f"only .output of {envoy._path}.source.{self._name} can be set")
         inv = envoy._invoke()
         if envoy._of is not None and envoy._of is not inv:
             raise NNPatchAttributeError("another invoke's source values are read-only here")
-        inv.set_value(self._event, value)
+        inv.set_value(self._event(inv), value)
 
     def __repr__(self) -> str:
-        return f"<Operation {self._envoy._path}.{self._event[1][:-7]}>"
+        return f"<Operation {self._envoy._path}.source.{self._name}>"
 
 
 def is_source_event(event) -> bool:
@@ -121,7 +130,7 @@ def install(pass_, path: str, fresh) -> None:
     result = compiled(type(module).forward, path)
 
     def op(name, value):
-        event = (path, f"source.{name}.output")
+        event = pass_.event_now(path, f"source.{name}.output")
         if pass_._ignores(event):
             return value
         return pass_._dispatch(event, map_tensors(fresh, value))
