@@ -179,3 +179,12 @@ def test_an_edit_of_later_layers_does_not_hold_up_stop(lm, hf):
         handle.remove()
     _, outs = hooked(hf, text, {0: lambda h: h * 2})
     assert ran == [] and close(h1, outs[1]) and all_hooks(hf) == 0
+
+
+def test_an_edits_step_loop_belongs_to_the_generation_it_runs_in(lm):
+    with lm.edit() as (tracer, _):
+        pass
+    with pytest.raises(nnpatch.NNPatchError, match="inside the edit's body"):
+        tracer.all()
+    with pytest.raises(nnpatch.NNPatchError, match="inside the edit's body"):
+        tracer.iter

@@ -61,6 +61,25 @@ class EditTracer:
     def __init__(self, model, inplace: bool):
         self.model, self.inplace = model, inplace
 
+    # An edit's body runs later, inside each trace or generation of the edited model: its
+    # `tracer.iter[...]` / `tracer.all()` step loops are that generation's.
+    @property
+    def iter(self):
+        """`tracer.iter[...]` of the generation this edit runs in (`for step in tracer.iter[1:]:`)."""
+        return self._running().iter
+
+    def all(self):
+        """`tracer.all()` of the generation this edit runs in: the edit acts at every step."""
+        return self._running().all()
+
+    def _running(self):
+        from .invoke import current_invoke
+        inv = current_invoke()
+        if inv is None or not inv.default:
+            raise NNPatchError("tracer.iter / tracer.all() of an edit loop over the steps of the "
+                               "generation the edit runs in; use them inside the edit's body")
+        return inv.tracer
+
     def __enter__(self):
         __tracebackhide__ = True  # noqa: F841
         tracebacks.install()
