@@ -43,6 +43,7 @@ if __name__ != "__main__" and importlib.util.find_spec("nnsight") is None:
 import nnpatch  # noqa: E402
 from conftest import prompt, word_tokenizer  # noqa: E402
 from nnsight_programs import GIVES_NONE, PROGRAMS, NetSite, Site, TinyNet  # noqa: E402
+import nnsight_programs_surface  # noqa: E402,F401 - registers cache/session/skip/stop/scan/edit programs
 from transformers import (  # noqa: E402
     AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 

@@ -12,9 +12,12 @@ import difflib
 import torch
 
 from ..errors import NNPatchAttributeError, NNPatchError, NNPatchIndexError, NNPatchKeyError
+from . import aliases
 from .hooks import resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
+from .module_source import Source
+from .skip import request_skip
 
 _OWN = ("output", "input", "inputs")
 
@@ -38,11 +41,19 @@ class Envoy:
         sub = module._modules.get(name) if hasattr(module, "_modules") else None
         if sub is not None:
             return self._child(name, sub)
+        table = self._root.__dict__.get("_rename") or {}
+        alias = aliases.lookup(table, module, self._path, name)
+        if alias is not None:  # rename={...}: the aliased module's own envoy
+            envoy = self
+            for part in alias.split("."):
+                envoy = envoy[part]
+            return envoy
         try:
             return getattr(module, name)
         except AttributeError:
             pass
         names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]
+        names += aliases.names_at(table, module, self._path)
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
         where = self._path or "the model"
         hint = f"; did you mean {', '.join(close)}?" if close else f"; it has: {', '.join(names[:12])}"
@@ -139,6 +150,18 @@ class Envoy:
             raise NNPatchError(f"{self._path or 'model'} was called without a tensor input "
                                f"(keyword inputs: {sorted(kwargs)}); it has no .input, read .inputs instead")
         return slot
+
+    @property
+    def source(self) -> Source:
+        """The operations of this module's forward (`print` it to list them); inside a trace,
+        `.source.<name>.output` reads or sets one (see `module_source`)."""
+        return Source(self)
+
+    def skip(self, value) -> None:
+        """Do not run this module for the current invoke: `value` is its output (same structure
+        and shapes). Call it before the model reaches the module, or while reading its own input
+        (`h.skip(h.input)`); see `skip`."""
+        request_skip(self, value)
 
     def __setattr__(self, name, value):
         inv = self._invoke() if name in _OWN else None

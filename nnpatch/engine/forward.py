@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 from ..errors import NNPatchError, NNPatchTypeError, NNPatchValueError
+from . import module_source, skip
 from .batching import Rows, map_tensors
 from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
 from .invoke import Event, Invoke, event_name, out_of_order, torch_state
+from .scan import prepare_scan, scan_mode
+from .stopping import EndForward
 
 
 class ForwardPass:
@@ -33,6 +36,7 @@ class ForwardPass:
                                "a promptless invoke acts on the other invokes' rows, so give at "
                                "least one invoke inputs")
         self.batch = self.model._prepare([(inv.spec.args, inv.spec.kwargs) for inv in given])
+        prepare_scan(tracer, self.batch)
         # Known before any invoke starts, so one invoke can read a later one's rows (model.of).
         own = dict(zip(given, self.batch.rows))
         self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
@@ -57,12 +61,23 @@ class ForwardPass:
         self.current: Event | None = None
         self.ticks = 0  # events dispatched so far
         self.resumes = 0  # times an invoke ran (progress, for deadlock detection)
+        self.stop_requested = False  # an invoke called tracer.stop()
+        self.recorders: dict[Event, list] = defaultdict(list)  # tracer.cache(): fn(pass, event)
+        self.skips: dict[str, list] = {}  # module path -> [(invoke, value)] (module.skip)
+        self.gates: dict[str, Any] = {}  # module path -> how to restore its forward (skip, .source)
+        self.recorded_outputs: dict[int, str] = {}  # id(module) -> path, for the global output hook
+        self.global_hook = None
         # The trace's grad mode is the caller's; values are made differentiable when the body
         # asks for gradients, even of a model whose parameters do not require them.
         self.torch_state = torch_state()
         self.grad = tracer._program.uses_grad and torch.is_grad_enabled()
 
     def run(self) -> None:
+        with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
+            self._run()
+        self._finish()
+
+    def _run(self) -> None:
         outer = self._outer()
         try:
             for inv, rows in self.rows.items():
@@ -72,16 +87,24 @@ class ForwardPass:
                 else:
                     self._continue(inv, rows)
             self._drain()
-            self._run_model()
+            for inv in self.rows:
+                for cache in inv.caches:
+                    cache.attach(self, inv)
+            try:
+                self._run_model()
+            except EndForward:  # tracer.stop(): no invoke needs the rest of the forward
+                pass
             self._drain()
         finally:
-            remove_all([*self.sentinels.values(), *self.handles.values()])
+            globals_ = [self.global_hook] if self.global_hook is not None else []
+            remove_all([*self.gates.values(), *globals_, *self.sentinels.values(), *self.handles.values()])
+            self.gates.clear()
+            self.global_hook = None
             self.handles.clear()
             self.sentinels.clear()
-        self._finish()
 
     def _run_model(self) -> None:
-        if any(not inv.done for inv in self.invokes):
+        if any(not inv.done for inv in self.invokes) or self.skips or self.recorders:
             self.output = self.model._forward(self.batch)
 
     def _outer(self):
@@ -111,12 +134,18 @@ class ForwardPass:
         self._hook(event)
 
     def _hook(self, event: Event) -> None:
+        if module_source.is_source_event(event):  # a value inside a module's forward (.source)
+            module_source.install(self, event[0], lambda t: _fresh(t, self.grad))
+            self._sentinels(event[0] + ".source")  # the module and its ancestors (see _sentinels)
+            return
         if event not in self.handles:
             path, kind = event[0], event[1]
             module = self.model._resolve(path)
             hook = self._input_hook(event) if kind == "input" else self._output_hook(event)
             self.handles[event] = attach(module, kind, hook)
             self._sentinels(path)
+            if kind == "input":  # an invoke that reads a module's input may skip it (module.skip)
+                skip.install_gate(self, path)
 
     def _sentinels(self, path: str) -> None:
         """A no-op hook on every ancestor of a hooked module. PyTorch decides when a module's
@@ -127,6 +156,34 @@ class ForwardPass:
             if path in self.sentinels:
                 return  # its ancestors got theirs with it
             self.sentinels[path] = self.model._resolve(path).register_forward_pre_hook(_no_op)
+
+    def record(self, event: Event, recorder) -> None:
+        """Call `recorder(self, event)` each time the model computes `event`, after the invokes
+        waiting there (so it sees their edits). Outputs are recorded through one process-wide
+        forward hook rather than one hook per module (a cache of every module would otherwise
+        register and remove hundreds of hooks per pass); where an invoke waits, the module's own
+        hook records after handing the value out."""
+        self.recorders[event].append(recorder)
+        path, kind = event
+        if kind == "input":
+            self._hook(event)
+            return
+        self.recorded_outputs[id(self.model._resolve(path))] = path
+        if self.global_hook is None:
+            self.global_hook = torch.nn.modules.module.register_module_forward_hook(self._recorded_output)
+
+    def event_now(self, path: str, kind: str) -> Event:
+        """The event the model computing `path`.`kind` is, now (a generation adds its step)."""
+        return (path, kind)
+
+    def _recorded_output(self, module, args, output):
+        path = self.recorded_outputs.get(id(module))
+        if path is None:  # another model's module, or one no cache records
+            return None
+        event = self.event_now(path, "output")
+        if not self._ignores(event) and self._recorded_only(event):
+            self._record(event, output)
+        return None
 
     def wait_name(self, reader: Invoke, producer: Invoke, name: str) -> None:
         self.name_waiting[(producer.index, name)].append(reader)
@@ -168,13 +225,36 @@ class ForwardPass:
                 _restore(view, content)
                 inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
             self._drain(self.waiting.pop(event, []))
+            for recorder in self.recorders.get(event[:2], ()):  # (path, kind), whatever the step
+                recorder(self, event)
         finally:
             self.current = None
         if self.split:
             self._merge(event)
+        if self.stop_requested and all(inv.done or inv.default for inv in self.invokes):
+            raise EndForward
         if self.many:  # only an invoke that waits for another one ever asks (pause_across)
             self.flow_versions[event] = _versions(self.handed(event))
         return self.fired[event]
+
+    def _record(self, event: Event, value):
+        """An event only caches record (no invoke waits there): the bookkeeping of `_dispatch`
+        without handing the value out, so the model's own tensor flows on (the caches copy it)."""
+        self.current = event
+        self.ticks += 1
+        self.fired[event] = value
+        try:
+            for recorder in self.recorders[event[:2]]:
+                recorder(self, event)
+        finally:
+            self.current = None
+        if self.many:
+            self.flow_versions[event] = _versions(value)
+        if self.stop_requested and all(inv.done or inv.default for inv in self.invokes):
+            raise EndForward
+
+    def _recorded_only(self, event: Event) -> bool:
+        return event[:2] in self.recorders and not self.waiting.get(event) and event not in self.replays
 
     def _split(self, event: Event, value) -> None:
         leaves = _flat(value)
@@ -214,9 +294,15 @@ class ForwardPass:
     def _finish(self) -> None:
         """After the forward pass: an invoke paused for a module that never came read modules
         out of order; invokes paused for another invoke go on in the next pass."""
+        if not self.stop_requested:
+            skip.check_all_used(self)
         self.ready.clear()
         for inv in self.invokes:
             if inv.done:
+                continue
+            if inv.default and self.stop_requested:  # an edit of modules that tracer.stop() cut off
+                inv.close()
+                inv.done = True
                 continue
             if inv.restart:  # its values before the pause are lost: run it again from the start
                 inv.close()
@@ -251,11 +337,15 @@ class ForwardPass:
         """Calls the trace must not see: aside calls, other threads' forwards, and modules no
         invoke waits for here."""
         return (self.aside_depth > 0 or threading.get_ident() != self.thread
-                or (not self.waiting.get(event) and event not in self.replays))
+                or (not self.waiting.get(event) and event not in self.replays
+                    and event[:2] not in self.recorders))
 
     def _input_hook(self, event: Event):
         def hook(module, args, kwargs):
             if self._ignores(event):
+                return None
+            if self._recorded_only(event):
+                self._record(event, (args, kwargs))
                 return None
             slot = input_slot(args, kwargs)
             if slot is not None:  # the input an invoke may edit gets a private copy
@@ -265,7 +355,7 @@ class ForwardPass:
 
     def _output_hook(self, event: Event):
         def hook(module, args, kwargs, output):
-            if self._ignores(event):
+            if self._ignores(event) or self._recorded_only(event):  # caches: the global hook records
                 return None
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook

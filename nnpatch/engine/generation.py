@@ -24,7 +24,9 @@ import threading
 import torch
 
 from ..errors import NNPatchError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
+from . import module_source
 from .batching import Rows, map_tensors
+from .edit import default_invokes
 from .envoy import Envoy
 from .forward import ForwardPass, _fresh
 from .hooks import attach, remove_all
@@ -91,7 +93,7 @@ class GenerationTracer(Tracer):
                     "this generation's body takes gradients (.grad / .backward()), but Hugging "
                     "Face's generate runs without autograd; take gradients in a model.trace(...) "
                     "of the generated ids instead")
-            generation = GenerationPass(self, group, todo)
+            generation = GenerationPass(self, group, default_invokes(self) + todo)  # model.edit()
             generation.run()
             self.output = generation.output
             stuck = [inv for inv in todo if not inv.done]
@@ -301,7 +303,13 @@ class GenerationPass(ForwardPass):
             self.ready.extend(self.name_waiting.pop(key))
 
     # -- hooks: one per module, dispatching the step the model is at --------------------------------
+    def event_now(self, path: str, kind: str):
+        """Values recorded by caches and `.source` operations belong to the step being made."""
+        return (path, kind, self.step)
+
     def _hook(self, event) -> None:
+        if module_source.is_source_event(event):  # `.source`: installed as in a trace
+            return super()._hook(event)
         key = (event[0], event[1])
         if key in self.handles:
             return

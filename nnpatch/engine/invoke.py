@@ -23,12 +23,15 @@ import torch
 from ..errors import NNPatchError, NNPatchValueError
 from .batching import Rows, map_tensors
 from .source import InvokeBody
+from .stopping import Stop
 
-Event = tuple  # (module path, "input" | "output"), and the step in a generation
+Event = tuple  # (module path, "input" | "output" | "source.<operation>.output"), and the step in a generation
 
 
 class Invoke:
     """One invoke's program, run as a greenlet alongside the forward pass."""
+
+    default = False  # an edit of the model (engine/edit.py), replayed in every forward pass
 
     def __init__(self, tracer, body: InvokeBody, spec, index: int):
         self.tracer, self.body, self.spec, self.index = tracer, body, spec, index
@@ -58,6 +61,7 @@ class Invoke:
         self.stale = False
         self.snapshots: dict[Event, Any] = {}  # content of values taken before the pause
         self.restart = False  # a value it took was edited after it flowed on: run again from the start
+        self.caches: list = []  # tracer.cache() objects it declared (recorded in each pass it runs in)
 
     # -- life in a pass --------------------------------------------------------------------------
     def start(self, pass_, rows: Rows, outer) -> None:
@@ -70,7 +74,10 @@ class Invoke:
         self.resume()
 
     def _run(self):
-        exec(self.body.code, self.namespace, self.namespace)
+        try:
+            exec(self.body.code, self.namespace, self.namespace)
+        except Stop:  # tracer.stop(): the rest of this invoke's program does not run
+            pass
         self.done = True
         self.waiting = None
         self.pass_.finished(self)

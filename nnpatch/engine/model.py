@@ -22,10 +22,12 @@ import torch
 
 from .. import bundled
 from ..errors import NNPatchTypeError, NNPatchValueError
+from . import aliases, generation
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
-from . import generation
+from .edit import EditTracer, edits_of
 from .envoy import Envoy
 from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
+from .session import Session
 from .tracing import Tracer
 
 
@@ -42,7 +44,7 @@ def _on_module(name: str, doc: str):
 class Model(Envoy):
     """Wraps any torch.nn.Module for tracing. Attribute access walks the module tree."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, rename: dict | None = None):
         if not isinstance(module, torch.nn.Module):
             raise NNPatchTypeError(f"Model() wraps a torch.nn.Module, got {type(module).__name__}")
         # A torch.compile'd model: traces run the module it compiled (hooks and interventions do
@@ -52,6 +54,8 @@ class Model(Envoy):
             module = original
         super().__init__(module, "", self)
         object.__setattr__(self, "_accepts", forward_parameters(module))
+        # `rename=`: extra names for modules (see `aliases`), checked before anything uses them
+        object.__setattr__(self, "_rename", aliases.check(module, rename, set(dir(type(self)))))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -91,10 +95,29 @@ class Model(Envoy):
         return torch.get_default_dtype()
 
     # -- entry points -------------------------------------------------------------------------
-    def trace(self, *inputs: Any, **kwargs: Any):
+    def trace(self, *inputs: Any, scan: bool = False, **kwargs: Any):
         """Open a trace. With inputs, the body of the with-block is one invoke on them;
-        without, the body holds `with tracer.invoke(...)` blocks that run batched together."""
-        return Tracer(self, inputs, kwargs)
+        without, the body holds `with tracer.invoke(...)` blocks that run batched together.
+        `scan=True` computes shapes only, with fake tensors (see `scan`)."""
+        return Tracer(self, inputs, kwargs, scan=scan)
+
+    def scan(self, *inputs: Any, **kwargs: Any):
+        """A trace that computes shapes, not values (fake tensors): `with model.scan(x):`."""
+        return Tracer(self, inputs, kwargs, scan=True)
+
+    def edit(self, *, inplace: bool = False):
+        """Interventions applied to every later trace: `with model.edit() as (tracer, edited):`
+        edits a copy (`edited`, sharing the torch module), `inplace=True` edits this wrapper
+        (`with model.edit(inplace=True) as tracer:`); `clear_edits()` removes them (`edit`)."""
+        return EditTracer(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit of this wrapper (`model.edit`)."""
+        edits_of(self).clear()
+
+    def session(self) -> Session:
+        """Several traces in one block, holding the model for all of them (`session`)."""
+        return Session(self)
 
     def of(self, invoke) -> Envoy:
         """The module tree as another invoke of the same trace sees it (read-only).
@@ -142,14 +165,15 @@ class LanguageModel(Model):
     tokenizer does not know are errors that name them, raised before the model runs.
     """
 
-    def __init__(self, name_or_path_or_module, tokenizer=None, **from_pretrained_kwargs):
+    def __init__(self, name_or_path_or_module, tokenizer=None, rename: dict | None = None,
+                 **from_pretrained_kwargs):
         if isinstance(name_or_path_or_module, torch.nn.Module):
             module = name_or_path_or_module
             if tokenizer is None:
                 tokenizer = _tokenizer_beside(module)
         else:
             module, tokenizer = _load(str(name_or_path_or_module), tokenizer, from_pretrained_kwargs)
-        super().__init__(module)
+        super().__init__(module, rename=rename)
         object.__setattr__(self, "tokenizer", tokenizer)
 
     def generate(self, *inputs: Any, **kwargs: Any) -> generation.GenerationTracer:

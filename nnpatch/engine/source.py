@@ -45,6 +45,7 @@ class TraceProgram:
     invokes: list[InvokeBody] = field(default_factory=list)
     uses_grad: bool = False
     target: str | None = None  # the name of `with model.trace(...) as <target>`
+    target_names: tuple[str, ...] = ()  # every name bound by the `as` target (a tuple for model.edit())
     globals: frozenset[str] = frozenset()  # names the body declares global
 
 
@@ -201,7 +202,7 @@ def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
             continue
         for item in node.items:
             expr = item.context_expr
-            if expr.lineno <= lineno <= (expr.end_lineno or expr.lineno) and _opens_trace(expr):
+            if expr.lineno <= lineno <= (expr.end_lineno or expr.lineno) and _is_body_call(expr):
                 if best is None or node.lineno >= best.lineno:
                     best = node
     if best is None:
@@ -215,14 +216,17 @@ def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
     return best
 
 
+# The with-statements whose body nnpatch takes over: traces, generations, scans and edits.
+BODY_CALLS = ("trace", "generate", "scan", "edit")
+
+
+def _is_body_call(expr: ast.expr) -> bool:
+    return any(_is_call_to(expr, name) for name in BODY_CALLS)
+
+
 def _is_call_to(expr: ast.expr, name: str) -> bool:
     return (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute)
             and expr.func.attr == name)
-
-
-def _opens_trace(expr: ast.expr) -> bool:
-    """`model.trace(...)`, or `model.generate(...)` (a trace of a whole generation)."""
-    return _is_call_to(expr, "trace") or _is_call_to(expr, "generate")
 
 
 def _steps_with(node: ast.With) -> bool:
@@ -243,10 +247,12 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: 
     body = [_Rewriter().visit(stmt) for stmt in node.body]
     if owner is not None and owner.strip("_"):
         body = [_Mangler(owner).visit(stmt) for stmt in body]
-    target = next((item.optional_vars for item in node.items if _opens_trace(item.context_expr)), None)
+    target = next((item.optional_vars for item in node.items if _is_body_call(item.context_expr)), None)
     declared = {name for stmt in body for n in _walk_scope(stmt) if isinstance(n, ast.Global) for name in n.names}
     program = TraceProgram(code=None, uses_grad=uses_grad,  # type: ignore[arg-type]
                            target=target.id if isinstance(target, ast.Name) else None,
+                           target_names=tuple(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+                           if target is not None else (),
                            globals=frozenset(declared))
     if implicit_invoke:
         if any(_invoke_with(n) for stmt in body for n in _walk_scope(stmt)):

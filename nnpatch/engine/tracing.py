@@ -21,10 +21,13 @@ import types
 from typing import Any
 
 from ..errors import NNPatchAttributeError, NNPatchError, NNPatchTypeError
-from . import gradients, source, tracebacks
+from . import frames, gradients, source, stopping, tracebacks
+from .cache import make_cache
+from .edit import default_invokes
 from .forward import ForwardPass
 from .hooks import exclusive
 from .invoke import Barrier, Invoke, current_invoke, deadlock_error
+from .session import count_trace
 
 
 class Tracer:
@@ -43,8 +46,9 @@ class Tracer:
         True
     """
 
-    def __init__(self, model, inputs: tuple, kwargs: dict):
+    def __init__(self, model, inputs: tuple, kwargs: dict, scan: bool = False):
         self.model = model
+        self.scan = scan  # shapes only, with fake tensors (engine/scan.py)
         self._inputs = (inputs, kwargs) if (inputs or kwargs) else None
         self._pending: list[Invoke] = []
         self._invokes: list[Invoke] = []
@@ -88,7 +92,8 @@ class Tracer:
             raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
         finally:
             self._pending.clear()
-        _write_back(frame, namespace.assigned(), self._program.globals)
+        frames.write_back(frame, namespace.assigned(), self._program.globals)
+        count_trace(self.model)
         return True
 
     # -- the public surface ---------------------------------------------------------------------
@@ -104,6 +109,28 @@ class Tracer:
         once that invoke has assigned it for the last time); a barrier, where one is written,
         says where two invokes meet instead."""
         return Barrier(n)
+
+    def cache(self, modules=None, *, include_inputs: bool = False, include_output: bool = True,
+              device="cpu", dtype=None, detach: bool = True):
+        """Record this invoke's rows of every module's output (or of `modules`: envoys or paths),
+        after the trace's edits; read it after the trace as `cache["transformer.h.0"].output` or
+        `cache.transformer.h[0].output`. Call it at the start of an invoke. See `cache.Cache`
+        (memory, several calls per module)."""
+        return make_cache(self, modules, include_output=include_output, include_inputs=include_inputs,
+                          device=device, dtype=dtype, detach=detach)
+
+    def stop(self) -> None:
+        """End this invoke's program here, and the forward pass as soon as no invoke needs more
+        of it: modules after that point do not run (`stopping`)."""
+        inv = current_invoke()
+        if inv is None or inv.tracer is not self:
+            raise NNPatchError(
+                "tracer.stop() ends the forward pass from inside an invoke; call it in a "
+                "`with tracer.invoke(...)` block (or the body of `model.trace(input)`) after the "
+                "last value that invoke needs")
+        if inv.pass_ is not None:
+            inv.pass_.stop_requested = True
+        raise stopping.Stop
 
     @property
     def iter(self):
@@ -153,7 +180,7 @@ class Tracer:
     def _run_passes(self, group: list[Invoke], todo: list[Invoke]) -> None:
         try:
             while todo:
-                forward = ForwardPass(self, group, todo)
+                forward = ForwardPass(self, group, default_invokes(self) + todo)
                 forward.run()
                 todo = [inv for inv in todo if not inv.done]
                 if todo and not forward.resumes:
@@ -235,43 +262,6 @@ def _final(names: tuple[str, ...]) -> None:
 def _save(value):
     """`.save()` inside a trace: every value survives the trace anyway; this returns it."""
     return value
-
-
-# -- leaving the trace ------------------------------------------------------------------------------
-
-def _write_back(frame: types.FrameType, names: dict, declared_global: frozenset[str]) -> None:
-    """Make the trace body's assignments visible after the with-block, as for any block."""
-    if not names:
-        return
-    if not frame.f_code.co_flags & 0x1:  # not a function (CO_OPTIMIZED): a module or class body
-        frame.f_locals.update(names)
-        return
-    to_globals = declared_global | _stored_globals(frame.f_code)
-    for k in [k for k in names if k in to_globals]:
-        frame.f_globals[k] = names.pop(k)
-    if not names:
-        return
-    if sys.version_info >= (3, 13):
-        proxy = frame.f_locals
-        for k, v in names.items():
-            proxy[k] = v
-        return
-    import ctypes
-    frame.f_locals.update(names)
-    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
-
-
-_GLOBALS_OF: dict[types.CodeType, frozenset[str]] = {}
-
-
-def _stored_globals(code: types.CodeType) -> frozenset[str]:
-    """Names a function assigns as globals (declared `global` in it)."""
-    found = _GLOBALS_OF.get(code)
-    if found is None:
-        import dis
-        found = _GLOBALS_OF[code] = frozenset(
-            i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
-    return found
 
 
 # Uncaught errors of a script's trace body skip these two frames (see tracebacks.install).
