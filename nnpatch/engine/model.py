@@ -24,7 +24,8 @@ from .. import bundled
 from ..errors import NNPatchTypeError, NNPatchValueError
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
 from .envoy import Envoy
-from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
+from .devices import input_device
+from .inputs import check_prompts, invoke_rows, model_limits, model_sizes, token_rows
 from .tracing import Tracer
 
 

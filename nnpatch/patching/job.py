@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Model
-from ..engine.inputs import check_prompts, input_device, model_limits, Prompts, token_ids, token_rows
+from ..engine.devices import input_device
+from ..engine.inputs import check_prompts, model_limits, Prompts, token_ids, token_rows
 from ..errors import NNPatchError, NNPatchAttributeError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from .metrics import SweepMetric
 from .pairs import unpack
