@@ -25,6 +25,7 @@ import torch
 from ..engine import Model
 from ..engine.hooks import exclusive
 from .job import CellSink, Job, Row
+from .memory import Budget
 from .metrics import effect
 from .result import PatchingResult
 from .runner import Runner
@@ -43,7 +44,7 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                         metric: str | Callable = "logit_diff", site: str = "resid_pre",
                         by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                         layers: Sequence[int] | None = None, batch_size: int | None = None,
-                        memory_budget: int = 1 << 30,
+                        memory_budget: int | None = None,
                         progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Patch every cell of a site, one cell at a time, and measure the metric.
 
@@ -61,7 +62,9 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos") - heads need site="head_out".
     `direction="denoise"` patches clean activations into the corrupt run; "noise" patches corrupt
     activations into the clean run. `layers` restricts the sweep to some layers. Patched runs
-    are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow).
+    are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow), and
+    pairs stream through in parts that fit `memory_budget` (default: half the free memory of the
+    model's input device; see `patching.memory`).
     `progress` shows a tqdm bar (True), nothing (False), or is called as `progress(done, total)`
     as patched runs finish, e.g. to drive a widget's progress bar.
 
@@ -74,33 +77,39 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
         (('layer', 'pos'), ' to')
     """
     job = Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers)
-    runners = [Runner(job, group) for group in job.groups]
-    for runner in runners:
-        runner.reference_runs()
-    clean_score, corrupt_score = job.scores(runners)
-    cells = job.cells()
+    budget = Budget(job, memory_budget)
+    cells = list(enumerate(job.cells()))
     sink = CellSink(job, len(cells))
-    # Runs whose patches write the value already there would reproduce the base run: they are
-    # scored from it, and the bar counts only the runs that are done.
-    live_rows = []
-    for runner in runners:
-        rows = [Row(pair, (patch,), cell) for cell, patch in enumerate(cells) for pair in range(runner.group.n)]
-        idle, live = [], []
-        for r in rows:
-            (idle if runner.unchanged(r) else live).append(r)
-        if idle:
-            pairs = [r.pair for r in idle]
-            sink.add(runner.group, idle, job.metric.row_stats(runner.base_logits[pairs], runner.group, pairs))
-        live_rows.append(live)
-    bar = _progress(sum(map(len, live_rows)), f"patching {job.site_name}", progress)
+    # Pairs stream through in parts that fit the budget: each part's reference runs, then its
+    # patched runs, then the next part.
+    parts = [part for group in job.groups for part in group.split(budget.pairs(group.clean.shape[1]))]
+    bar = None
     try:
-        for runner, rows in zip(runners, live_rows):
-            for chunk in runner.chunks(rows, batch_size, memory_budget):
+        for i, group in enumerate(parts):
+            runner = Runner(job, group)
+            runner.reference_runs()
+            sink.add_reference(group, runner.clean_logits, runner.corrupt_logits)
+            # Runs whose patches write the value already there would reproduce the base run: they
+            # are scored from it, and the bar counts only the runs that are done.
+            idle, live = runner.rows(cells)
+            if idle:
+                pairs = [r.pair for r in idle]
+                sink.add(group, idle, job.metric.row_stats(runner.base_logits[pairs], group, pairs))
+            if bar is None:
+                later = len(cells) * sum(p.n for p in parts[i + 1:])  # at most; shrinks as parts start
+                bar = _progress(len(live) + later, f"patching {job.site_name}", progress)
+            else:
+                bar.total -= len(idle)
+                bar.refresh()
+            for chunk in runner.chunks(live, batch_size or budget.rows(runner.seq)):
                 out = runner.run(chunk, job.metric.mode)
-                sink.add(runner.group, chunk, job.metric.row_stats(out, runner.group, [r.pair for r in chunk]))
+                sink.add(group, chunk, job.metric.row_stats(out, group, [r.pair for r in chunk]))
                 bar.update(len(chunk))
+            del runner  # its references: the next part reuses the memory
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    clean_score, corrupt_score = sink.scores()
     values = job.normalize(sink.values(), clean_score, corrupt_score)
     return job.result(values, clean_score, corrupt_score, "activation")
 
@@ -110,7 +119,7 @@ def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                          metric: str | Callable = "logit_diff", site: str = "resid_pre",
                          by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                          layers: Sequence[int] | None = None, batch_size: int | None = None,
-                         memory_budget: int = 1 << 30,
+                         memory_budget: int | None = None,
                          progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Estimate `activation_patching` for every cell from two forwards and one backward.
 
@@ -234,6 +243,9 @@ class _CallbackProgress:
 
     def update(self, n: int) -> None:
         self.done += n
+        self.report(self.done, self.total)
+
+    def refresh(self) -> None:
         self.report(self.done, self.total)
 
     def close(self) -> None:

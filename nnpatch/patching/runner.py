@@ -76,6 +76,16 @@ class Runner:
             self.same[layer] = (src == base).all(-1).cpu()  # [n, pos] or [n, pos, head]
         self.set_scores(source_logits, base_logits)
 
+    def rows(self, cells) -> tuple[list[Row], list[Row]]:
+        """This group's rows of the given cells ((index, Patch) pairs): those whose patches change
+        nothing (scored from the base run) and the live ones."""
+        idle, live = [], []
+        for cell, patch in cells:
+            for pair in range(self.group.n):
+                row = Row(pair, (patch,), cell)
+                (idle if self.unchanged(row) else live).append(row)
+        return idle, live
+
     def unchanged(self, row: Row) -> bool:
         """Whether every patch of the row writes the value that is already there."""
         for p in row.patches:
@@ -123,9 +133,9 @@ class Runner:
         return logits.to(self.job.device)  # scores are computed where the inputs are
 
     # -- chunking ---------------------------------------------------------------------------------
-    def chunks(self, rows: list[Row], batch_size: int | None, memory_budget: int):
-        """Rows in batches that share as much of the skipped work as the cost model finds worth it."""
-        cap = batch_size or self._rows_for(memory_budget)
+    def chunks(self, rows: list[Row], cap: int):
+        """Rows in batches of at most `cap` that share as much of the skipped work as the cost
+        model finds worth it."""
         n_layers, seq = self.job.table.n_layers, self.seq
         key = (lambda r: (r.layer if self.fast else 0, r.pos if self.kv else 0))
         rows = sorted(rows, key=key)
@@ -162,16 +172,6 @@ class Runner:
             chunk, start = list(g), gkey
         if chunk:
             yield chunk
-
-    def _rows_for(self, budget: int) -> int:
-        config = getattr(self.job.module, "config", None)
-        d = getattr(config, "hidden_size", 1024)
-        d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-        seq, n_layers = self.seq, self.job.table.n_layers
-        per_row = 4 * (seq * (d_ff + 6 * d) + 2 * n_layers * seq * d)
-        if self.job.metric.mode == "logits":
-            per_row += 4 * self.job.vocab
-        return max(1, budget // per_row)
 
     def _overhead_tokens(self) -> float:
         """Per-layer Python overhead of a forward call, in units of one token's compute."""
