@@ -136,7 +136,6 @@ class Runner:
     def chunks(self, rows: list[Row], cap: int):
         """Rows in batches of at most `cap` that share as much of the skipped work as the cost
         model finds worth it."""
-        n_layers, seq = self.job.table.n_layers, self.seq
         key = (lambda r: (r.layer if self.fast else 0, r.pos if self.kv else 0))
         rows = sorted(rows, key=key)
         groups: list[list[Row]] = []
@@ -145,11 +144,7 @@ class Runner:
                 groups[-1].append(r)
             else:
                 groups.append([r])
-        overhead = self._overhead_tokens()
-
-        def cost(n_rows, start):
-            layer, pos = start
-            return (n_rows * (seq - pos) + 16 + overhead) * (n_layers - layer)
+        cost = self.cost
 
         chunk: list[Row] = []
         start = None
@@ -172,6 +167,12 @@ class Runner:
             chunk, start = list(g), gkey
         if chunk:
             yield chunk
+
+    def cost(self, n_rows: int, start: tuple[int, int]) -> float:
+        """The cost model: a batch of `n_rows` runs starting at (layer, position) costs its tokens
+        times its layers, plus a fixed per-layer overhead (in tokens) for each forward call."""
+        layer, pos = start
+        return (n_rows * (self.seq - pos) + 16 + self._overhead_tokens()) * (self.job.table.n_layers - layer)
 
     def _overhead_tokens(self) -> float:
         """Per-layer Python overhead of a forward call, in units of one token's compute."""
