@@ -48,8 +48,9 @@ def ranks_for(distributed: bool | None) -> "Ranks | None":
                 "torch.distributed.init_process_group first")
         return None
     if not ready:
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("NNPATCH_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        # gloo: a sweep exchanges a few small CPU tensors, whatever device the model is on. A
+        # process group started before the sweep (e.g. nccl) is used as it is.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
         atexit.register(_close)
     if dist.get_world_size() == 1 and not distributed:
         return None
@@ -71,7 +72,7 @@ class Ranks:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.key = f"nnpatch/sweep{next(_sweeps)}"
         self.on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
+            else torch.device("cpu")  # where collectives take their tensors
 
     def together(self, fn):
         """Run `fn` here; every rank then learns whether any rank failed, and every rank raises
