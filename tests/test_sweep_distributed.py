@@ -87,3 +87,16 @@ def test_distributed_true_without_torchrun_says_how_to_start_it(monkeypatch):
     with pytest.raises(nnpatch.NNPatchError, match=r"distributed=True needs torch.distributed: start the script "
                                                    r"with torchrun .*nnpatch sweep --nproc 2"):
         one_process(CLEAN, CORRUPT, distributed=True)
+
+
+def test_nnpatch_sweep_nproc_launches_torchrun_and_reports_once(tmp_path):
+    from nnpatch.patching.pairs import default_pairs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    out, saved = tmp_path / "r.html", tmp_path / "r.safetensors"
+    run = subprocess.run([sys.executable, "-m", "nnpatch", "sweep", "--nproc", "2", "--pairs", "4", "--by", "layer",
+                          "-q", "--out", str(out), "--save", str(saved)],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(f"wrote {out}") == 1 and run.stdout.count("Activation patching of resid_pre") == 1
+    want = nnpatch.activation_patching(nnpatch.models.load("ioi"), default_pairs("ioi", 4), by="layer", progress=False)
+    assert torch.allclose(nnpatch.PatchingResult.load(saved).values, want.values, atol=1e-5)
