@@ -114,3 +114,28 @@ def test_checkpoint_needs_a_named_metric_and_a_readable_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(nnpatch.NNPatchError, match="cannot be read .* delete it or give another path"):
         nnpatch.activation_patching(model(), CLEAN, CORRUPT, checkpoint=bad, progress=False, **OPTIONS)
+
+
+def test_an_interrupted_streamed_sweep_resumes_part_by_part(tmp_path):
+    from nnpatch.patching.job import Job
+    from nnpatch.patching.memory import Budget
+    path = tmp_path / "run.safetensors"
+    job = Job(model(), CLEAN, CORRUPT, "t5", "t6", "logit_diff_raw", "resid_pre", ("layer", "pos"), "denoise", None)
+    one_pair = 2 * Budget(job, 1).pair_bytes(job.seq_len) + 1  # parts of one pair each
+    full = nnpatch.activation_patching(model(), CLEAN, CORRUPT, progress=False, **OPTIONS)
+
+    def stop_after(n):
+        def progress(done, total):
+            if done >= n:
+                raise KeyboardInterrupt
+        return progress
+    with pytest.raises(KeyboardInterrupt):
+        nnpatch.activation_patching(model(), CLEAN, CORRUPT, checkpoint=path, memory_budget=one_pair,
+                                    batch_size=4, progress=stop_after(12), **OPTIONS)
+    done, total = rows_in(path)
+    assert 0 < done < total  # the rows finished before the interrupt were written on the way out
+    reports = []
+    resumed = nnpatch.activation_patching(model(), CLEAN, CORRUPT, checkpoint=path, memory_budget=one_pair,
+                                          batch_size=4, progress=lambda d, t: reports.append((d, t)), **OPTIONS)
+    assert torch.allclose(resumed.values, full.values, atol=1e-6)
+    assert reports[-1][0] == reports[-1][1] <= total - done

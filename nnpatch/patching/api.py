@@ -151,7 +151,10 @@ def _sweep(job, budget, cells, mine, sink, saved, batch_size, progress, ranks) -
             cell_ids = torch.tensor([c for c, _ in todo])
             left = ~sink.have[cell_ids][:, group.pairs]  # [cells, n]: rows still to run
             if not bool(left.any()) and bool(sink.have_reference[group.pairs].all()):
-                continue  # a checkpoint holds every row of this part
+                if bar is not None:  # a checkpoint holds every row of this part
+                    bar.total -= len(todo) * group.n
+                    bar.refresh()
+                continue
             runner = Runner(job, group)
             runner.reference_runs()
             sink.add_reference(group, runner.clean_logits, runner.corrupt_logits)
