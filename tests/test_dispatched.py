@@ -45,6 +45,12 @@ def placed(arch, how, tmp_path):
     elif how == "device_map":
         accelerate.dispatch_model(hf, device_map=device_map(hf, on_disk={1}),
                                   offload_dir=str(tmp_path / "offload"))
+    elif how == "embedding_on_disk":  # the first module's weights on disk: inputs go where it runs
+        entries = device_map(hf, on_disk={0})
+        entries[next(k for k in entries if k.endswith(("wte", "embed_tokens")))] = "disk"
+        entries["lm_head"] = "disk"  # GPT-2 ties it to the embedding
+        accelerate.dispatch_model(hf, device_map=entries, offload_dir=str(tmp_path / "offload"))
+        assert hf.get_input_embeddings().weight.is_meta
     elif how == "compiled":
         hf = torch.compile(hf)
     return hf
@@ -55,7 +61,7 @@ def arch_name(request):
     return request.param
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map", "compiled"])
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map", "embedding_on_disk", "compiled"])
 def test_traces_read_and_patch_like_the_plain_model(arch_name, how, tmp_path):
     plain = nnpatch.LanguageModel(BUILD[arch_name](), tokenizer=word_tokenizer())
     model = nnpatch.LanguageModel(placed(arch_name, how, tmp_path), tokenizer=word_tokenizer())
@@ -105,7 +111,7 @@ ANSWERS, WRONGS = ["t5", "t6", "t7", "t5"], ["t6", "t5", "t8", "t6"]  # two equa
 RESID = {"gpt2": {"resid_pre": "transformer.h.{i}.input"}, "llama": {"resid_pre": "model.layers.{i}.input"}}
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "device_map"])
+@pytest.mark.parametrize("how", ["cpu_offload", "device_map", "embedding_on_disk"])
 def test_sweeps_of_many_pairs_equal_plain_hooks(arch_name, how, tmp_path):
     from conftest import patching_reference, site_places, sweep_cells
     model = nnpatch.LanguageModel(placed(arch_name, how, tmp_path), tokenizer=word_tokenizer())
