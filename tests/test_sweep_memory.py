@@ -55,8 +55,9 @@ def budget_for(model, clean, corrupt, pairs_per_part, **kw):
     return 2 * unit * pairs_per_part + 1
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("metric", ["logit_diff_raw", "kl", "prob"])  # raw: random answers make the normalised grid ill-conditioned
+# logit_diff_raw, not logit_diff: random answers leave clean and corrupt close, which makes the
+# normalised grid ill-conditioned.
+@pytest.mark.parametrize("arch,metric", [("gpt2", "logit_diff_raw"), ("llama", "kl"), ("llama", "prob")])
 def test_streamed_parts_equal_one_part_and_the_hook_reference(arch, metric, monkeypatch):
     hf = sharp(BUILD[arch]())
     model = nnpatch.LanguageModel(hf, tokenizer=word_tokenizer())
