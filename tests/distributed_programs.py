@@ -43,6 +43,11 @@ def main(out):
     path = os.path.join(out, "run.safetensors")
     got["checkpoint"] = nnpatch.activation_patching(model(), CLEAN, CORRUPT, checkpoint=path, progress=False,
                                                     **OPTIONS).values
+    if rank == 1:  # one rank's checkpoint is damaged: both ranks stop, neither waits
+        with open(os.path.join(out, "run.rank1-of-2.safetensors"), "wb") as f:
+            f.write(b"damaged")
+    got["bad_checkpoint"] = attempt(lambda: nnpatch.activation_patching(model(), CLEAN, CORRUPT, checkpoint=path,
+                                                                        progress=False, **OPTIONS))
     got["too_many_ranks"] = attempt(lambda: nnpatch.activation_patching(
         model(), CLEAN[0], CORRUPT[0], layers=[0], progress=False, **{**OPTIONS, "by": ("layer",)}))
 

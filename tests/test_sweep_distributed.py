@@ -67,6 +67,12 @@ def test_a_failing_rank_stops_every_rank_with_its_message(ranks):
     assert rank1["one_rank_fails"] == "RuntimeError: boom on rank 1"
 
 
+def test_a_damaged_checkpoint_on_one_rank_stops_both(ranks):
+    (rank0, rank1), _ = ranks
+    assert rank1["bad_checkpoint"].startswith("NNPatchValueError: checkpoint ") and "cannot be read" in rank1["bad_checkpoint"]
+    assert rank0["bad_checkpoint"].startswith("NNPatchError: rank 1 of 2 failed") and "cannot be read" in rank0["bad_checkpoint"]
+
+
 @pytest.mark.parametrize("case,match", [
     ("other_version", r"rank 1 differs from rank 0 \(nnpatch: rank 0 '[^']+', rank 1 '0.0.0-other'\); install "
                       r"the same nnpatch"),
@@ -100,3 +106,12 @@ def test_nnpatch_sweep_nproc_launches_torchrun_and_reports_once(tmp_path):
     assert run.stdout.count(f"wrote {out}") == 1 and run.stdout.count("Activation patching of resid_pre") == 1
     want = nnpatch.activation_patching(nnpatch.models.load("ioi"), default_pairs("ioi", 4), by="layer", progress=False)
     assert torch.allclose(nnpatch.PatchingResult.load(saved).values, want.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv,match", [(["--nproc", "0"], "--nproc 0: give a number of processes"),
+                                        (["--nproc", "2", "--attribution"], "--attribution runs in one process")])
+def test_nnpatch_sweep_nproc_errors_are_one_line(argv, match, tmp_path, capsys):
+    from nnpatch import cli
+    assert cli.main(["sweep", "--out", str(tmp_path / "r.html"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1

@@ -108,13 +108,12 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
             cells = [cells[c] for c in my_cells]
         if ranks.rank != 0:
             progress = False
-    saved = None
-    if checkpoint is not None:
-        path = checkpoint if ranks is None else _rank_path(checkpoint, ranks)
-        saved = Checkpoint(path, job, sink)
-        saved.load()
 
     def work():
+        saved = None
+        if checkpoint is not None:
+            saved = Checkpoint(checkpoint if ranks is None else _rank_path(checkpoint, ranks), job, sink)
+            saved.load()
         _sweep(job, Budget(job, memory_budget), cells, mine, sink, saved, batch_size, progress, ranks)
     if ranks is None:
         work()
@@ -135,12 +134,12 @@ def _sweep(job, budget, cells, mine, sink, saved, batch_size, progress, ranks) -
     # Pairs stream through in parts that fit the budget: each part's reference runs, then its
     # patched runs, then the next part.
     parts = [part for g in groups if g.n for part in g.split(budget.pairs(g.clean.shape[1]))]
-    todo = [(cell, patch) for cell, patch in cells]
+    todo = cells
     bar = None
 
     def start_bar(total):
-        shown = _progress(total, f"patching {job.site_name}", progress) if progress is not False or ranks is None \
-            else None
+        quiet_rank = ranks is not None and progress is False
+        shown = None if quiet_rank else _progress(total, f"patching {job.site_name}", progress)
         if ranks is None:
             return shown
         shared = ranks.progress(shown)
