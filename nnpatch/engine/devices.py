@@ -23,9 +23,7 @@ def input_device(module: torch.nn.Module) -> torch.device:
     """Where a model wants its inputs: where its input embedding runs, else its first parameter's
     device (so a model moved to CUDA takes prompts tokenized on the CPU). A model placed by
     accelerate keeps offloaded weights on the meta device; its embedding then runs where
-    accelerate's hook says. Weights on the meta device that nothing loads are an error
-    (`check_placement`)."""
-    check_placement(module)
+    accelerate's hook says."""
     try:
         embedding = module.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -45,22 +43,31 @@ def input_device(module: torch.nn.Module) -> torch.device:
 
 
 def check_placement(module: torch.nn.Module) -> None:
+    """Raise `placement_error(module)` if there is one. Sweeps call it before they start; traces
+    call `placement_error` only when the forward pass fails, so a trace pays nothing for it."""
+    error = placement_error(module)
+    if error is not None:
+        raise error
+
+
+def placement_error(module: torch.nn.Module) -> NNPatchValueError | None:
     """An error naming the first module whose weights are on the meta device with nothing to load
     them when it runs (a device map that left it out, or a model built under init_empty_weights
-    and never loaded). Weights that accelerate offloads (to the CPU or to disk) are fine. Cheap
-    when no weight is on meta: one pass over the parameters."""
+    and never loaded), or None. Weights that accelerate offloads (to the CPU or to disk) are fine.
+    One pass over the parameters when no weight is on meta."""
     if not any(p.is_meta for p in module.parameters()):
-        return
+        return None
     for path, m, loaded in _walk(module, "", False):
         stranded = [name for name, p in m.named_parameters(recurse=False) if p.is_meta]
         if stranded and not loaded:
             shapes = ", ".join(f"{name} {tuple(m.get_parameter(name).shape)}" for name in stranded[:3])
-            raise NNPatchValueError(
+            return NNPatchValueError(
                 f"module {path or '(the root module)'} ({type(m).__name__}) has weights on the 'meta' "
                 f"device ({shapes}) and no offload hook loads them, so it cannot run. Place it on a "
                 "real device: give it a device in device_map (\"cpu\", \"disk\" with "
                 "offload_folder=..., or a GPU index), or load its weights; device_map=\"auto\" with "
                 "offload_folder=... places every module")
+    return None
 
 
 def _walk(module: torch.nn.Module, path: str, loaded: bool):

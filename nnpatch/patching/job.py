@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Model
-from ..engine.devices import input_device
+from ..engine.devices import check_placement, input_device
 from ..engine.inputs import check_prompts, model_limits, Prompts, token_ids, token_rows
 from ..errors import NNPatchError, NNPatchAttributeError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from .metrics import SweepMetric
@@ -94,6 +94,7 @@ class Job:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.model_name = (getattr(getattr(self.module, "config", None), "_name_or_path", "")
                            or type(self.module).__name__)
+        check_placement(self.module)
         self.device = input_device(self.module)
         if direction not in ("denoise", "noise"):
             raise NNPatchValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise' "
