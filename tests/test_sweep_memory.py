@@ -102,12 +102,14 @@ def test_512_pairs_stream_in_parts_with_pairs_of_two_lengths(monkeypatch):
     assert torch.allclose(sub.values.double(), ref.values, atol=1e-5)
 
 
-def test_default_budget_is_half_the_free_memory(monkeypatch):
+def test_default_budget_is_half_the_free_memory_capped_on_the_cpu(monkeypatch):
     model = nnpatch.LanguageModel(gpt2(), tokenizer=word_tokenizer())
     job = Job(model, prompt(1, 2, 3), prompt(1, 4, 3), "t5", "t6", "logit_diff", "resid_pre", ("layer",),
               "denoise", None)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 10_000_000)
     assert memory.Budget(job).bytes == 5_000_000
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100 << 30)
+    assert memory.Budget(job).bytes == memory.CPU_DEFAULT  # bigger CPU batches run slower
     monkeypatch.undo()
     assert 0 < memory.free_bytes(torch.device("cpu"))
 

@@ -70,7 +70,7 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     activations into the clean run. `layers` restricts the sweep to some layers. Patched runs
     are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow), and
     pairs stream through in parts that fit `memory_budget` (default: half the free memory of the
-    model's input device; see `patching.memory`).
+    model's input device, on the CPU at most 1 GiB unless a pair needs more; `patching.memory`).
     `progress` shows a tqdm bar (True), nothing (False), or is called as `progress(done, total)`
     as patched runs finish, e.g. to drive a widget's progress bar.
 

@@ -4,7 +4,8 @@ A sweep holds, for the pairs it is working on, what its patched runs reuse (each
 the base run, the site's values in both runs, the key/value cache, the last-position logits), and
 runs a batch of patched runs at a time. `Budget` sizes both from a number of bytes: given as
 `memory_budget=`, or by default half the memory free on the device the model's inputs go to (at
-the start of the sweep). Half of the budget holds the streamed pairs' references, the other half a
+the start of the sweep; on the CPU at most 1 GiB unless one pair needs more, as bigger CPU
+batches run slower). Half of the budget holds the streamed pairs' references, the other half a
 batch of patched runs, so a sweep over 512 pairs of long prompts runs in chunks of pairs instead
 of failing with out-of-memory. The estimates count activations, not the model's weights (already
 loaded when the sweep starts).
@@ -26,6 +27,9 @@ import os
 import torch
 
 from ..errors import NNPatchValueError
+
+
+CPU_DEFAULT = 1 << 30  # the default budget's cap on the CPU (see Budget._default)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -52,13 +56,11 @@ class Budget:
 
     def __init__(self, job, memory_budget: int | None = None):
         self.job = job
-        if memory_budget is None:
-            memory_budget = free_bytes(job.device) // 2
-        elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget <= 0):
             raise NNPatchValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
                                     "e.g. memory_budget=8 << 30 for 8 GiB, or leave it out to use half "
                                     "the free memory of the model's device")
-        self.bytes = int(memory_budget)
         config = getattr(job.module, "config", None)
         self.d = getattr(config, "hidden_size", None) or 1024
         self.d_ff = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
@@ -70,6 +72,17 @@ class Budget:
         self.n_layers = job.table.n_layers
         param = next((p for p in job.module.parameters() if p.is_floating_point()), None)
         self.elem = param.element_size() if param is not None else 4
+        self.bytes = int(memory_budget) if memory_budget is not None else self._default()
+
+    def _default(self) -> int:
+        """Half the free memory of the input device. On the CPU, at most CPU_DEFAULT unless one
+        pair needs more: bigger CPU batches run slower per token (benchmarks/sweep.py, GPT-2
+        small shape: 35 s of CPU time with 1 GiB against 42-49 s with half of 24 GiB)."""
+        free = free_bytes(self.job.device) // 2
+        if self.job.device.type != "cpu":
+            return free
+        longest = max(g.clean.shape[1] for g in self.job.groups)
+        return min(free, max(CPU_DEFAULT, 4 * self.pair_bytes(longest)))
 
     def row_bytes(self, seq: int) -> int:
         """One patched run in a batch: one block's activations at a time (MLP, attention scores),
