@@ -5,6 +5,7 @@
     nnpatch sweep --clean "When Mary and John went to the store, John gave a drink to" \\
                   --corrupt "When Mary and John went to the store, Mary gave a drink to" \\
                   --answer " Mary" --wrong " John"
+    nnpatch sweep --nproc 2 --pairs 64             # the sweep shared by 2 processes (torchrun)
     nnpatch lab                                     # JupyterLab on the notebooks/ folder
 
 `sweep` runs `nnpatch.activation_patching` (or `attribution_patching` with --attribution) on a
@@ -14,6 +15,7 @@ self-contained HTML file.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,7 @@ examples:
   nnpatch sweep                                     # ioi, 8 pairs, resid_pre by layer x position
   nnpatch sweep --model table-max --site attn_out --by layer --out table.html
   nnpatch sweep --site head_out --by layer,head --attribution
+  nnpatch sweep --pairs 256 --nproc 4               # 4 processes share the pairs (torchrun)
   nnpatch sweep --clean "When Mary and John went to the store, John gave a drink to" \\
                 --corrupt "When Mary and John went to the store, Mary gave a drink to" \\
                 --answer " Mary" --wrong " John" --save ioi.safetensors
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nnpatch` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -111,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="results.html", help="interactive heatmap (default: results.html)")
     sweep.add_argument("--save", help="also save the result (.safetensors, reload with PatchingResult.load)")
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="share the sweep among N processes on this machine: runs torchrun "
+                            "--standalone --nproc-per-node N for you (several machines: see docs/scale.md)")
     sweep.set_defaults(run=_sweep)
 
     lab = commands.add_parser("lab", help="JupyterLab on the tutorial notebooks",
@@ -142,9 +149,18 @@ def _sweep(args) -> int:
     from .patching import activation_patching, attribution_patching
     from .patching.pairs import default_pairs
 
-    _check_writable(args.out, "--out")
-    if args.save:
-        _check_writable(args.save, "--save")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        _check_writable(args.out, "--out")
+        if args.save:
+            _check_writable(args.save, "--save")
+    if args.nproc < 1:
+        raise NNPatchValueError(f"--nproc {args.nproc}: give a number of processes, 1 or more")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        if args.attribution:
+            raise NNPatchValueError("--attribution runs in one process (two forwards and a backward); "
+                                    "leave out --nproc")
+        return _launch(args)
     model = models.load(args.model)
     if args.clean is not None or args.corrupt is not None:
         if args.clean is None or args.corrupt is None:
@@ -153,8 +169,11 @@ def _sweep(args) -> int:
     else:
         clean, corrupt = default_pairs(args.model, args.pairs), None
     sweep = attribution_patching if args.attribution else activation_patching
+    options = {} if args.attribution else {"distributed": None}  # under torchrun: shared among ranks
     result = sweep(model, clean, corrupt, answer=args.answer, wrong=args.wrong, metric=args.metric,
-                   site=args.site, by=args.by, direction=args.direction, progress=not args.quiet)
+                   site=args.site, by=args.by, direction=args.direction, progress=not args.quiet, **options)
+    if rank != 0:  # every rank holds the grid; rank 0 reports it
+        return 0
     print(heatmap.text(result))
     heatmap.plot(result).write_html(args.out, include_plotlyjs=True)  # works offline
     print(f"wrote {args.out}")
@@ -162,6 +181,21 @@ def _sweep(args) -> int:
         result.save(args.save)
         print(f"saved {args.save}")
     return 0
+
+
+def _launch(args) -> int:
+    """Run this same command under torchrun with N processes on this machine."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "nnpatch", *argv]
+    return subprocess.call(command)
 
 
 def _lab(args) -> int:

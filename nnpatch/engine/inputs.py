@@ -1,11 +1,11 @@
-"""What goes into a model: prompts as token ids, answer tokens, and the device inputs go to.
+"""What goes into a model: prompts as token ids, answer tokens, and which argument is the input.
 
 Each rule here has exactly one home, and traces, sweeps, magics and the workbench all call it:
 how a prompt becomes token ids (`token_rows`; an invoke's block of rows with its padding,
 `invoke_rows`), which ids and lengths a model takes (`check_prompts`, `model_limits`), which
 sizes a padded batch must not coincide with (`model_sizes`), how one answer token is checked
-(`token_id`), which argument of a module call is "its input" (`input_slot`), and where a model
-wants its inputs (`input_device`). A bad input is an error that names it and the limit it broke
+(`token_id`), which argument of a module call is "its input" (`input_slot`); where a model
+wants its inputs is `engine.devices.input_device`. A bad input is an error that names it and the limit it broke
 (never an IndexError from inside torch, a silent truncation, or a word silently read as the
 unknown token).
 
@@ -23,6 +23,7 @@ from numbers import Integral
 import torch
 
 from ..errors import NNPatchTypeError, NNPatchValueError
+from .devices import input_device  # noqa: F401  (where inputs go: its home is engine.devices)
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -405,28 +406,3 @@ def with_input(args: tuple, kwargs: dict, slot, value) -> tuple[tuple, dict]:
     if isinstance(slot, int):
         return args[:slot] + (value,) + args[slot + 1:], kwargs
     return args, {**kwargs, slot: value}
-
-
-# -- devices ----------------------------------------------------------------------------------------
-
-def input_device(module: torch.nn.Module) -> torch.device:
-    """Where a model wants its inputs: where its input embedding runs, else its first parameter's
-    device (so a model moved to CUDA takes prompts tokenized on the CPU). A model placed by
-    accelerate (`device_map`, `cpu_offload`, `disk_offload`) keeps offloaded weights on the meta
-    device; its embedding then runs where accelerate's hook says."""
-    try:
-        embedding = module.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        embedding = None
-    candidates = ([embedding] if embedding is not None else []) + [module]
-    for m in candidates:
-        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    if embedding is not None and getattr(embedding, "weight", None) is not None \
-            and embedding.weight.device.type != "meta":
-        return embedding.weight.device
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")

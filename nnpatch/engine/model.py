@@ -26,7 +26,8 @@ from . import aliases, generation
 from .batching import Batch, batch_generic, batch_prompts, forward_parameters, map_tensors
 from .edit import EditTracer, edits_of
 from .envoy import Envoy
-from .inputs import check_prompts, input_device, invoke_rows, model_limits, model_sizes, token_rows
+from .devices import input_device, placement_error
+from .inputs import check_prompts, invoke_rows, model_limits, model_sizes, token_rows
 from .session import Session
 from .tracing import Tracer
 
@@ -145,7 +146,13 @@ class Model(Envoy):
     def _forward(self, batch: Batch):
         device = input_device(self._module)
         args, kwargs = map_tensors(lambda t: t.to(device), (batch.args, batch.kwargs))
-        return self._module(*args, **kwargs)
+        try:
+            return self._module(*args, **kwargs)
+        except Exception:
+            stranded = placement_error(self._module)  # weights left on meta: say which module
+            if stranded is not None:
+                raise stranded from None
+            raise
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self._module).__name__})"

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..engine import Model
 from ..engine.hooks import exclusive
+from ..errors import NNPatchValueError
+from .checkpoint import Checkpoint, fingerprint
+from .distributed import ranks_for
 from .job import CellSink, Job, Row
+from .memory import Budget
 from .metrics import effect
 from .result import PatchingResult
 from .runner import Runner
@@ -43,8 +48,10 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                         metric: str | Callable = "logit_diff", site: str = "resid_pre",
                         by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                         layers: Sequence[int] | None = None, batch_size: int | None = None,
-                        memory_budget: int = 1 << 30,
-                        progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
+                        memory_budget: int | None = None,
+                        progress: bool | Callable[[int, int], None] = True,
+                        checkpoint: str | Path | None = None,
+                        distributed: bool | None = None) -> PatchingResult:
     """Patch every cell of a site, one cell at a time, and measure the metric.
 
     `clean` is a prompt, a list of prompts, or task pairs (an object with list attributes
@@ -61,9 +68,18 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos") - heads need site="head_out".
     `direction="denoise"` patches clean activations into the corrupt run; "noise" patches corrupt
     activations into the clean run. `layers` restricts the sweep to some layers. Patched runs
-    are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow).
+    are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow), and
+    pairs stream through in parts that fit `memory_budget` (default: half the free memory of the
+    model's input device, on the CPU at most 1 GiB unless a pair needs more; `patching.memory`).
     `progress` shows a tqdm bar (True), nothing (False), or is called as `progress(done, total)`
     as patched runs finish, e.g. to drive a widget's progress bar.
+
+    `checkpoint="run.safetensors"` writes finished rows to that file as the sweep goes; the
+    same call after a crash resumes from it (`patching.checkpoint`; a named metric only).
+    `distributed=True` shares the work among the ranks of torch.distributed (started by
+    torchrun, or `nnpatch sweep --nproc N`), and every rank returns the full grid; the default,
+    None, distributes when torchrun's environment or a process group is there
+    (`patching.distributed`; docs/scale.md).
 
         >>> import nnpatch
         >>> model = nnpatch.models.load("ioi")
@@ -73,36 +89,111 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
         >>> r.dims, r.labels["pos"][-1]
         (('layer', 'pos'), ' to')
     """
-    job = Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers)
-    runners = [Runner(job, group) for group in job.groups]
-    for runner in runners:
-        runner.reference_runs()
-    clean_score, corrupt_score = job.scores(runners)
-    cells = job.cells()
+    ranks = ranks_for(distributed)
+    job = Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers) if ranks is None \
+        else ranks.together(lambda: Job(model, clean, corrupt, answer, wrong, metric, site, by, direction, layers))
+    cells = list(enumerate(job.cells()))
     sink = CellSink(job, len(cells))
-    # Runs whose patches write the value already there would reproduce the base run: they are
-    # scored from it, and the bar counts only the runs that are done.
-    live_rows = []
-    for runner in runners:
-        rows = [Row(pair, (patch,), cell) for cell, patch in enumerate(cells) for pair in range(runner.group.n)]
-        idle, live = [], []
-        for r in rows:
-            (idle if runner.unchanged(r) else live).append(r)
-        if idle:
-            pairs = [r.pair for r in idle]
-            sink.add(runner.group, idle, job.metric.row_stats(runner.base_logits[pairs], runner.group, pairs))
-        live_rows.append(live)
-    bar = _progress(sum(map(len, live_rows)), f"patching {job.site_name}", progress)
-    try:
-        for runner, rows in zip(runners, live_rows):
-            for chunk in runner.chunks(rows, batch_size, memory_budget):
-                out = runner.run(chunk, job.metric.mode)
-                sink.add(runner.group, chunk, job.metric.row_stats(out, runner.group, [r.pair for r in chunk]))
-                bar.update(len(chunk))
-    finally:
-        bar.close()
+    mine, my_cells = (None, None)
+    if ranks is not None:
+        if job.metric.fn is not None:
+            raise NNPatchValueError(
+                f"distributed sweeps need a named metric (e.g. 'logit_diff'): a custom metric function "
+                f"({job.metric.name}) scores a cell from all its pairs' logits at once, which the ranks "
+                "do not exchange. Use a named metric, or sweep in one process")
+        ranks.check_same({**fingerprint(job), "ranks": str(ranks.world),
+                          "checkpoint": "yes" if checkpoint else "no"})
+        mine, my_cells = ranks.share(job.n_pairs, len(cells))
+        if my_cells is not None:
+            cells = [cells[c] for c in my_cells]
+        if ranks.rank != 0:
+            progress = False
+
+    def work():
+        saved = None
+        if checkpoint is not None:
+            saved = Checkpoint(checkpoint if ranks is None else _rank_path(checkpoint, ranks), job, sink)
+            saved.load()
+        _sweep(job, Budget(job, memory_budget), cells, mine, sink, saved, batch_size, progress, ranks)
+    if ranks is None:
+        work()
+    else:
+        ranks.together(work)
+        ranks.gather(sink)
+    clean_score, corrupt_score = sink.scores()
     values = job.normalize(sink.values(), clean_score, corrupt_score)
     return job.result(values, clean_score, corrupt_score, "activation")
+
+
+def _sweep(job, budget, cells, mine, sink, saved, batch_size, progress, ranks) -> None:
+    """Run the rows of `cells` for the pairs `mine` (None: every pair) into `sink`, skipping
+    rows a checkpoint already holds and writing the checkpoint as rows finish."""
+    mine = None if mine is None else set(mine)
+    groups = job.groups if mine is None else [g.part([i for i, p in enumerate(g.pairs) if p in mine])
+                                              for g in job.groups]
+    # Pairs stream through in parts that fit the budget: each part's reference runs, then its
+    # patched runs, then the next part.
+    parts = [part for g in groups if g.n for part in g.split(budget.pairs(g.clean.shape[1]))]
+    todo = cells
+    bar = None
+
+    def start_bar(total):
+        quiet_rank = ranks is not None and progress is False
+        shown = None if quiet_rank else _progress(total, f"patching {job.site_name}", progress)
+        if ranks is None:
+            return shown
+        shared = ranks.progress(shown)
+        shared.total = total
+        return shared
+    try:
+        for i, group in enumerate(parts):
+            cell_ids = torch.tensor([c for c, _ in todo])
+            left = ~sink.have[cell_ids][:, group.pairs]  # [cells, n]: rows still to run
+            if not bool(left.any()) and bool(sink.have_reference[group.pairs].all()):
+                if bar is not None:  # a checkpoint holds every row of this part
+                    bar.total -= len(todo) * group.n
+                    bar.refresh()
+                continue
+            runner = Runner(job, group)
+            runner.reference_runs()
+            sink.add_reference(group, runner.clean_logits, runner.corrupt_logits)
+            # Runs whose patches write the value already there would reproduce the base run: they
+            # are scored from it, and the bar counts only the runs that are done.
+            idle, live = runner.rows(todo)
+            done = sink.have
+            idle = [r for r in idle if not done[r.cell, group.pairs[r.pair]]]
+            live = [r for r in live if not done[r.cell, group.pairs[r.pair]]]
+            if idle:
+                pairs = [r.pair for r in idle]
+                sink.add(group, idle, job.metric.row_stats(runner.base_logits[pairs], group, pairs))
+            if bar is None:
+                later = len(todo) * sum(p.n for p in parts[i + 1:])  # at most; shrinks as parts start
+                bar = start_bar(len(live) + later)
+            else:
+                bar.total -= len(todo) * group.n - len(live)
+                bar.refresh()
+            for chunk in runner.chunks(live, batch_size or budget.rows(runner.seq)):
+                out = runner.run(chunk, job.metric.mode)
+                sink.add(group, chunk, job.metric.row_stats(out, group, [r.pair for r in chunk]))
+                bar.update(len(chunk))
+                if saved is not None:
+                    saved.save()
+            del runner  # its references: the next part reuses the memory
+            if saved is not None:
+                saved.save(force=True)
+    finally:
+        if saved is not None:
+            saved.save(force=True)  # what finished stays, whatever stopped the sweep
+        if bar is None and ranks is not None:
+            bar = start_bar(0)  # the other ranks wait for this one's bar to close
+        if bar is not None:
+            bar.close()
+
+
+def _rank_path(path, ranks) -> Path:
+    """Each rank of a distributed sweep keeps its own checkpoint file beside the given one."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{ranks.rank}-of-{ranks.world}{path.suffix}")
 
 
 @_one_at_a_time
@@ -110,7 +201,7 @@ def attribution_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
                          metric: str | Callable = "logit_diff", site: str = "resid_pre",
                          by: Sequence[str] | str = ("layer", "pos"), direction: str = "denoise",
                          layers: Sequence[int] | None = None, batch_size: int | None = None,
-                         memory_budget: int = 1 << 30,
+                         memory_budget: int | None = None,
                          progress: bool | Callable[[int, int], None] = True) -> PatchingResult:
     """Estimate `activation_patching` for every cell from two forwards and one backward.
 
@@ -234,6 +325,9 @@ class _CallbackProgress:
 
     def update(self, n: int) -> None:
         self.done += n
+        self.report(self.done, self.total)
+
+    def refresh(self) -> None:
         self.report(self.done, self.total)
 
     def close(self) -> None:

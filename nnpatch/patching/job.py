@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Model
-from ..engine.inputs import check_prompts, input_device, model_limits, Prompts, token_ids, token_rows
+from ..engine.devices import check_placement, input_device
+from ..engine.inputs import check_prompts, model_limits, Prompts, token_ids, token_rows
 from ..errors import NNPatchError, NNPatchAttributeError, NNPatchIndexError, NNPatchTypeError, NNPatchValueError
 from .metrics import SweepMetric
 from .pairs import unpack
@@ -37,6 +38,17 @@ class Group:
     @property
     def n(self) -> int:
         return len(self.pairs)
+
+    def part(self, keep: list[int]) -> "Group":
+        """The pairs of this group at positions `keep` (indices into this group)."""
+        at = torch.as_tensor(keep, dtype=torch.long)
+        pick = lambda t: None if t is None else t[at.to(t.device)]  # noqa: E731
+        return Group([self.pairs[i] for i in keep], pick(self.clean), pick(self.corrupt), pick(self.answer),
+                     pick(self.wrong), self.direction)
+
+    def split(self, size: int) -> list["Group"]:
+        """This group in parts of at most `size` pairs (a sweep streams them one at a time)."""
+        return [self.part(list(range(i, min(i + size, self.n)))) for i in range(0, self.n, size)]
 
     @property
     def base_ids(self) -> torch.Tensor:  # the run that gets patched
@@ -82,6 +94,7 @@ class Job:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.model_name = (getattr(getattr(self.module, "config", None), "_name_or_path", "")
                            or type(self.module).__name__)
+        check_placement(self.module)
         self.device = input_device(self.module)
         if direction not in ("denoise", "noise"):
             raise NNPatchValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise' "
@@ -191,6 +204,10 @@ class Job:
             self.metric.clean_logprobs = clean_logits.float().log_softmax(-1)
         clean = float(self.metric.aggregate_logits(clean_logits))
         corrupt = float(self.metric.aggregate_logits(self.run_logits("corrupt", runners)))
+        return self.checked_scores(clean, corrupt)
+
+    def checked_scores(self, clean: float, corrupt: float) -> tuple[float, float]:
+        """The clean and corrupt scores, or an error where a normalised metric is undefined."""
         if self.metric.normalized and abs(clean - corrupt) < 1e-9:
             raise NNPatchValueError(
                 f"the clean and corrupt runs have the same logit difference ({clean:.6g}), so the "
@@ -256,19 +273,53 @@ def _vocab_size(module: torch.nn.Module) -> int:
 
 
 class CellSink:
-    """Collects per-row statistics into per-cell values as chunks finish."""
+    """Collects per-row statistics into per-cell values as chunks finish, and each pair's clean
+    and corrupt scores as its reference runs finish.
+
+    For a registry metric a cell's value is the mean of its rows' statistics, so the sink keeps
+    `stats` [cells, pairs] with `have` [cells, pairs] (which rows are in) and `reference`
+    [2, pairs] (clean and corrupt statistic of each pair) with `have_reference` [pairs]: plain
+    tensors that a checkpoint stores and ranks add up. A custom metric needs all of a cell's
+    logits at once, so the sink keeps logits until a cell is complete."""
 
     def __init__(self, job: Job, n_cells: int):
         self.job, self.n_cells = job, n_cells
+        self.have = torch.zeros(n_cells, job.n_pairs, dtype=torch.bool)
+        self.have_reference = torch.zeros(job.n_pairs, dtype=torch.bool)
         if job.metric.fn is None:
             self.stats = torch.zeros(n_cells, job.n_pairs)
-        else:  # a custom metric needs all of a cell's logits at once
+            self.reference = torch.zeros(2, job.n_pairs)
+        else:
             self.pending: dict[int, dict[int, torch.Tensor]] = {}
             self.done = torch.zeros(n_cells)
+            self.reference_logits = torch.zeros(2, job.n_pairs, job.vocab)
+
+    def add_reference(self, group: Group, clean_logits: torch.Tensor, corrupt_logits: torch.Tensor) -> None:
+        """A group's clean and corrupt last-position logits `[n, vocab]`."""
+        metric = self.job.metric
+        if metric.spec is not None and metric.spec.needs_clean:
+            metric.note_clean(group.pairs, clean_logits)
+        if metric.fn is not None:
+            self.reference_logits[0, group.pairs] = clean_logits.float().cpu()
+            self.reference_logits[1, group.pairs] = corrupt_logits.float().cpu()
+        else:
+            every = list(range(group.n))
+            self.reference[0, group.pairs] = metric.row_stats(clean_logits, group, every).float().cpu()
+            self.reference[1, group.pairs] = metric.row_stats(corrupt_logits, group, every).float().cpu()
+        self.have_reference[group.pairs] = True
+
+    def scores(self) -> tuple[float, float]:
+        """The clean and corrupt scores over all pairs (every pair's reference runs are in)."""
+        if self.job.metric.fn is not None:
+            clean, corrupt = (float(self.job.metric.fn(lg)) for lg in self.reference_logits)
+        else:
+            clean, corrupt = (float(r.mean()) for r in self.reference)
+        return self.job.checked_scores(clean, corrupt)
 
     def add(self, group: Group, rows: list[Row], stats: torch.Tensor) -> None:
         cells = torch.tensor([r.cell for r in rows])
         pairs = torch.tensor([group.pairs[r.pair] for r in rows])
+        self.have[cells, pairs] = True
         if self.job.metric.fn is None:
             self.stats[cells, pairs] = stats.float().cpu()
             return

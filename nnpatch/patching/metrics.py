@@ -135,6 +135,12 @@ class SweepMetric:
         self.job = job
         self.clean_logprobs: torch.Tensor | None = None  # [n_pairs, vocab], for metrics that need it
 
+    def note_clean(self, pairs: list[int], clean_logits: torch.Tensor) -> None:
+        """Keep the clean run's log-probabilities of some pairs (a sweep streams pairs in parts)."""
+        if self.clean_logprobs is None:
+            self.clean_logprobs = torch.zeros(self.job.n_pairs, self.job.vocab)
+        self.clean_logprobs[pairs] = clean_logits.float().cpu().log_softmax(-1)
+
     def row_stats(self, out: torch.Tensor, group, pairs: list[int]) -> torch.Tensor:
         """Per-row statistic `[rows]` of per-row logit differences `[rows]` or logits
         `[rows, vocab]` (a custom metric keeps the logits)."""

@@ -76,6 +76,16 @@ class Runner:
             self.same[layer] = (src == base).all(-1).cpu()  # [n, pos] or [n, pos, head]
         self.set_scores(source_logits, base_logits)
 
+    def rows(self, cells) -> tuple[list[Row], list[Row]]:
+        """This group's rows of the given cells ((index, Patch) pairs): those whose patches change
+        nothing (scored from the base run) and the live ones."""
+        idle, live = [], []
+        for cell, patch in cells:
+            for pair in range(self.group.n):
+                row = Row(pair, (patch,), cell)
+                (idle if self.unchanged(row) else live).append(row)
+        return idle, live
+
     def unchanged(self, row: Row) -> bool:
         """Whether every patch of the row writes the value that is already there."""
         for p in row.patches:
@@ -109,23 +119,23 @@ class Runner:
         `[rows, k]` when the unembedding is a plain linear map."""
         if columns is not None and isinstance(self.unembed, torch.nn.Linear) \
                 and self.unembed.weight.device.type != "meta":  # offloaded weights load in forward
-            w = self.unembed.weight[columns]  # [rows, k, d]
-            logits = torch.einsum("rd,rkd->rk", hidden, w)
+            at = self.unembed.weight.device
+            w = self.unembed.weight[columns.to(at)]  # [rows, k, d]
+            logits = torch.einsum("rd,rkd->rk", hidden.to(at), w)
             if self.unembed.bias is not None:
-                logits = logits + self.unembed.bias[columns]
+                logits = logits + self.unembed.bias[columns.to(at)]
         else:
             logits = self.unembed(hidden)
             if columns is not None:
-                logits = logits.gather(-1, columns)
+                logits = logits.gather(-1, columns.to(logits.device))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.to(self.job.device)  # scores are computed where the inputs are
 
     # -- chunking ---------------------------------------------------------------------------------
-    def chunks(self, rows: list[Row], batch_size: int | None, memory_budget: int):
-        """Rows in batches that share as much of the skipped work as the cost model finds worth it."""
-        cap = batch_size or self._rows_for(memory_budget)
-        n_layers, seq = self.job.table.n_layers, self.seq
+    def chunks(self, rows: list[Row], cap: int):
+        """Rows in batches of at most `cap` that share as much of the skipped work as the cost
+        model finds worth it."""
         key = (lambda r: (r.layer if self.fast else 0, r.pos if self.kv else 0))
         rows = sorted(rows, key=key)
         groups: list[list[Row]] = []
@@ -134,11 +144,7 @@ class Runner:
                 groups[-1].append(r)
             else:
                 groups.append([r])
-        overhead = self._overhead_tokens()
-
-        def cost(n_rows, start):
-            layer, pos = start
-            return (n_rows * (seq - pos) + 16 + overhead) * (n_layers - layer)
+        cost = self.cost
 
         chunk: list[Row] = []
         start = None
@@ -162,15 +168,11 @@ class Runner:
         if chunk:
             yield chunk
 
-    def _rows_for(self, budget: int) -> int:
-        config = getattr(self.job.module, "config", None)
-        d = getattr(config, "hidden_size", 1024)
-        d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-        seq, n_layers = self.seq, self.job.table.n_layers
-        per_row = 4 * (seq * (d_ff + 6 * d) + 2 * n_layers * seq * d)
-        if self.job.metric.mode == "logits":
-            per_row += 4 * self.job.vocab
-        return max(1, budget // per_row)
+    def cost(self, n_rows: int, start: tuple[int, int]) -> float:
+        """The cost model: a batch of `n_rows` runs starting at (layer, position) costs its tokens
+        times its layers, plus a fixed per-layer overhead (in tokens) for each forward call."""
+        layer, pos = start
+        return (n_rows * (self.seq - pos) + 16 + self._overhead_tokens()) * (self.job.table.n_layers - layer)
 
     def _overhead_tokens(self) -> float:
         """Per-layer Python overhead of a forward call, in units of one token's compute."""
@@ -188,9 +190,10 @@ class Runner:
         ids = group.base_ids[pairs, start_pos:]  # [rows, pos - start_pos]
         specs = []
         if start_layer > 0:
-            resid = self.base_resid[start_layer][pairs, start_pos:]  # [rows, pos', d]
+            stored = self.base_resid[start_layer]
+            resid = stored[pairs.to(stored.device), start_pos:]  # [rows, pos', d]
             block = Site(f"{job.table.blocks}.{start_layer}", "input")
-            specs.append((block.path, "input", _replace(block, lambda _: resid)))
+            specs.append((block.path, "input", _replace(block, lambda x: resid.to(x.device))))
         for layer, patch in self._patches(rows, pairs, start_pos).items():
             site = job.sites[layer]
             if site.via is None:
@@ -232,11 +235,11 @@ class Runner:
                     by_layer.setdefault(p.layer, []).append((i, pos - start_pos, pos, -1 if p.head is None else p.head))
         out = {}
         for layer, entries in by_layer.items():
-            t = torch.tensor(entries, device=self.job.device)
+            source = self.source_values[layer]  # on the device of the module it was read from
+            t = torch.tensor(entries, device=source.device)
             rows_i, local, pos, head = t.unbind(-1)
-            src_pairs = pairs[rows_i]
+            src_pairs = pairs.to(source.device)[rows_i]
             heads = self.job.sites[layer].heads
-            source = self.source_values[layer]
             if bool((head >= 0).all()):
                 value = source.reshape(*source.shape[:-1], heads, -1)[src_pairs, pos, head]  # [k, head_dim]
                 out[layer] = (rows_i, local, head, value, heads)
@@ -249,7 +252,8 @@ class Runner:
         from transformers import DynamicCache
         cache = DynamicCache(config=self.job.module.config)
         for i, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys[pairs, :, :length], layer.values[pairs, :, :length], i)
+            at = pairs.to(layer.keys.device)  # each layer's cache lives where that layer runs
+            cache.update(layer.keys[at, :, :length], layer.values[at, :, :length], i)
         return cache
 
     # -- gradient runs (attribution patching) --------------------------------------------------------
@@ -338,14 +342,17 @@ def _patch_hook(site: Site, patch, stream: dict | None = None):
     rows, local, head, value, heads = patch
 
     def apply(x: torch.Tensor) -> torch.Tensor:
+        # The patch goes where the module written into runs (a device map may put the source
+        # value's module and this one on different devices).
         x = x.clone()
-        new = value.to(x.dtype)
+        at_rows, at_local = rows.to(x.device), local.to(x.device)
+        new = value.to(x.device, x.dtype)
         if stream is not None:
-            new = new - stream["x"][rows, local]
+            new = new - stream["x"].to(x.device)[at_rows, at_local]
         if head is None:
-            x[rows, local] = new
+            x[at_rows, at_local] = new
         else:
-            x.view(*x.shape[:-1], heads, -1)[rows, local, head] = new
+            x.view(*x.shape[:-1], heads, -1)[at_rows, at_local, head.to(x.device)] = new
         return x
     return _replace(site, apply)
 
