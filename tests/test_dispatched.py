@@ -233,3 +233,32 @@ def test_a_module_left_on_meta_is_a_clear_error_and_the_model_is_unchanged(arch_
         with model.trace(A):
             model.output.save()
     assert all_hooks(hf) == 0 and {n: (p.device, p.shape) for n, p in hf.named_parameters()} == before
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "device_map", "embedding_on_disk"])
+def test_generation_with_steering_like_the_plain_model(arch_name, how, tmp_path):
+    """A steered, batched generation on a placed model generates the plain model's tokens and
+    reads the same per-step hidden states."""
+    plain = nnpatch.LanguageModel(BUILD[arch_name](), tokenizer=word_tokenizer())
+    model = nnpatch.LanguageModel(placed(arch_name, how, tmp_path), tokenizer=word_tokenizer())
+    steer = torch.linspace(-2, 2, plain.module.config.hidden_size)
+
+    def program(lm):
+        layers = block_envoys(lm)
+        with torch.no_grad():
+            with lm.generate(max_new_tokens=3, do_sample=False, min_new_tokens=3) as tracer:
+                with tracer.invoke(A):
+                    states = []
+                    for step in tracer.all():
+                        first(layers[1].output)[:, -1] += steer
+                        states.append(first(layers[2].output)[:, -1].clone().save())
+                    out = lm.generator.output.save()
+                with tracer.invoke(prompt(7, 8)):
+                    short = lm.generator.output.save()
+        return states, out, short
+
+    want, got = program(plain), program(model)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[0], want[0])) and len(got[0]) == 3
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert all(t.device.type == "cpu" for t in got[0])
+    assert all_hooks(model.module) == 0
