@@ -114,23 +114,60 @@ CELL_XY = """([row, col]) => {
 }"""
 
 
+class Lab:
+    """One JupyterLab server and one chromium for a test module; `open()` shows a notebook in a page."""
+
+    def __init__(self, root: Path, url: str, token: str, browser):
+        self.root, self.url, self.token, self.browser = root, url, token, browser
+
+    @contextlib.contextmanager
+    def open(self, notebook: str, *, width: int = 1300, height: int = 2200, run: bool = True):
+        """A page showing `notebook` (a path under the server's root) with its kernel idle and the
+        file browser closed; with `run`, every cell is started. The kernel is shut down on exit."""
+        page = self.browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(WAIT_MS)
+        try:
+            page.goto(f"{self.url}/lab/tree/{notebook}?token={self.token}")
+            page.wait_for_function(KERNEL_IDLE, timeout=2 * WAIT_MS)
+            page.evaluate("() => window.jupyterapp.shell.leftCollapsed || "
+                          "window.jupyterapp.commands.execute('application:toggle-left-area')")
+            if run:
+                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            yield page
+        finally:
+            with contextlib.suppress(Exception):
+                page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+            page.close()
+
+
 @contextlib.contextmanager
-def notebook_page(chromium: str, url: str, token: str, notebook: str):
+def chromium_browser(chromium: str):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 2200})
-            page.set_default_timeout(WAIT_MS)
-            page.goto(f"{url}/lab/tree/{notebook}?token={token}")
-            page.wait_for_function(KERNEL_IDLE)
-            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    chromium = _needs()
+    root = tmp_path_factory.mktemp("lab")
+    with jupyterlab(root) as (url, token), chromium_browser(chromium) as browser:
+        yield Lab(root, url, token, browser)
+
+
+def write_notebook(path: Path, *cells: str) -> str:
+    """A notebook of code cells at `path`, for the Python 3 kernel; returns its file name."""
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    nbformat.write(nb, path)
+    return path.name
 
 
 def wait_for_widget(page):
@@ -187,17 +224,16 @@ def assert_outcome_shown(page, panel, api, tokenizer, heatmap_value=None):
             assert_close(float(cells.nth(2 * run_i + 1).get_attribute("data-value")), top.values[rank])
 
 
-def test_workbench_in_jupyterlab(tmp_path):
-    chromium = _needs()
+def test_workbench_in_jupyterlab(lab):
     model = nnpatch.models.load("ioi")
     options = dict(answer=PAIR.answer, wrong=PAIR.wrong, metric="logit_diff", site="resid_pre", by=("layer", "pos"))
     result = nnpatch.activation_patching(model, PAIR.clean, PAIR.corrupt, progress=False, **options)
     inspected = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, [INSPECT], **options)
     together = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, sorted(SELECT), **options)
 
-    shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    shutil.copy(NOTEBOOK, lab.root / NOTEBOOK.name)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with jupyterlab(tmp_path) as (url, token), notebook_page(chromium, url, token, NOTEBOOK.name) as page:
+    with lab.open(NOTEBOOK.name) as page:
         try:
             # Set-up: the first example is loaded, tokens previewed, pickers filled.
             wait_for_widget(page)
