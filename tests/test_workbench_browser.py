@@ -134,6 +134,10 @@ class Lab:
             if run:
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
             yield page
+        except BaseException:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / f"failure-{Path(notebook).stem}.png"))
+            raise
         finally:
             with contextlib.suppress(Exception):
                 page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
@@ -318,3 +322,50 @@ def test_workbench_in_jupyterlab(lab):
         except Exception:
             page.screenshot(path=str(SCREENSHOTS / "workbench-failure.png"))
             raise
+
+
+SAVED_SWEEP = (
+    "%load_ext nnpatch\nimport nnpatch\n\nmodel = nnpatch.models.load('ioi')\npairs = nnpatch.tasks.ioi(4, template=0)",
+    "result = nnpatch.activation_patching(model, pairs, site='resid_pre', by=('layer', 'pos'))\nresult.plot()",
+    "%patch_sweep model --clean pairs --site resid_pre --by layer,pos",
+)
+# Outputs showing a figure: drawn, or on reopening, the picture plotly's extension saved with it.
+PLOTS = ".jp-OutputArea-output.jp-RenderedPlotly:has(.main-svg, img.plot-img)"
+
+
+def save_notebook(page, path: Path, n_plots: int):
+    """Save with JupyterLab's own command, then wait until the page has no unsaved change and the
+    file on disk holds the figures (a save started while outputs still arrive would miss some)."""
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        outputs = [o for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+        if sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs) == n_plots:
+            return outputs
+        assert time.monotonic() < deadline, f"{path.name} was saved without its {n_plots} figures"
+        page.wait_for_timeout(250)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 17 item 5: sweeps leave a tqdm widget in the saved outputs "
+                                        "until the 'plots' branch's text progress lands")
+def test_reopened_notebook_shows_no_widget_error(lab):
+    """A notebook that ran a sweep and drew heatmaps, saved, closed and opened again, shows its
+    figures and no 'Error displaying widget' (a widget saved in the outputs has no model then)."""
+    path = lab.root / "saved_sweep.ipynb"
+    write_notebook(path, *SAVED_SWEEP)
+    with lab.open(path.name) as page:
+        page.wait_for_function(f"() => document.querySelectorAll('{PLOTS}').length === 2", timeout=3 * WAIT_MS)
+        page.wait_for_function(KERNEL_IDLE)
+        outputs = save_notebook(page, path, n_plots=2)
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    with lab.open(path.name, run=False) as page:
+        page.wait_for_function(f"() => document.querySelectorAll('{PLOTS}').length === 2")
+        page.wait_for_function(KERNEL_IDLE)
+        # Each saved widget shows, once the widget manager has tried to restore it, the widget or an error.
+        page.wait_for_function("(n) => [...document.querySelectorAll('.jp-OutputArea-output.jupyter-widgets')]"
+                               ".filter(o => o.textContent.trim() || o.children.length).length >= n", arg=len(widgets))
+        text = page.locator(".jp-Notebook").inner_text()
+        page.screenshot(path=str(SCREENSHOTS / "reopened-notebook.png"))
+    assert "Error displaying widget" not in text, text[:2000]
+    assert not widgets, f"{len(widgets)} widget outputs saved in the notebook (each shows an error when reopened)"
