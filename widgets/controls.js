@@ -26,10 +26,11 @@ function prob(x) {
 
 // Keys pressed inside the app stay in the app: JupyterLab listens for its shortcuts (Shift+Enter
 // runs the cell, D D deletes it) on the notebook, above this element. Ctrl/Cmd+S still saves.
+// Ctrl/Cmd+Enter and Shift+Enter, the notebook's "run" keys, run the app instead.
 function keepKeys(root, onSubmit) {
   const listener = (event) => {
     const mod = event.ctrlKey || event.metaKey;
-    if (mod && event.key === "Enter" && onSubmit) {
+    if ((mod || event.shiftKey) && event.key === "Enter" && onSubmit) {
       event.preventDefault();
       onSubmit();
     }
@@ -116,9 +117,9 @@ function render({ model, el }) {
     });
     return [area, h("div", { class: "nnp-row" }, h("label", {}, label), area)];
   };
-  const [cleanArea, cleanRow] = prompt("clean", "Clean", "the prompt whose answer you want to explain (Ctrl+Enter runs)");
+  const [cleanArea, cleanRow] = prompt("clean", "Clean", "the prompt whose answer you want to explain (Ctrl+Enter or Shift+Enter runs)");
   const [corruptArea, corruptRow] = prompt("corrupt", "Corrupt",
-    "the same prompt with the detail that changes the answer, token for token (Ctrl+Enter runs)");
+    "the same prompt with the detail that changes the answer, token for token (Ctrl+Enter or Shift+Enter runs)");
 
   // -- token preview ----------------------------------------------------------------------------
   const tokens = h("div", { class: "nnp-tokens", title: "the prompts' tokens by position; differences are highlighted" });

@@ -84,15 +84,31 @@ function render({ model, el }) {
   const sameCell = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
   cleanups.push(keepKeys(root));
 
-  // The heatmap beside this panel follows the width it is given: when the panel's row reflows
-  // (window, sidebar, first heatmap), plotly's responsive figures are asked to resize.
-  let pending = 0;
+  // The heatmap beside this panel is as wide as the room the page gives it: the page measures the
+  // heatmap's box and the row, and Python sets the figures' widths (plotly's own autosize does not
+  // see a box that changes size without a window resize).
+  let timer = 0;
+  const watched = new Set();
+  const measure = () => {
+    const row = el.parentElement, plot = el.previousElementSibling;
+    if (!row || !plot) return;
+    const width = (node) => Math.round(node.getBoundingClientRect().width);
+    const [plotWidth, rowWidth] = [width(plot), width(row)];
+    if (plotWidth > 0 && (plotWidth !== model.get("plot_width") || rowWidth !== model.get("row_width"))) {
+      model.set("plot_width", plotWidth);
+      model.set("row_width", rowWidth);
+      model.save_changes();
+    }
+  };
   const resized = new ResizeObserver(() => {
-    cancelAnimationFrame(pending);
-    pending = requestAnimationFrame(() => window.dispatchEvent(new Event("resize")));
+    for (const node of [el.parentElement, el.previousElementSibling]) {
+      if (node && !watched.has(node)) { watched.add(node); resized.observe(node); }
+    }
+    clearTimeout(timer);
+    timer = setTimeout(measure, 100);
   });
   resized.observe(el);
-  cleanups.push(() => { resized.disconnect(); cancelAnimationFrame(pending); });
+  cleanups.push(() => { resized.disconnect(); clearTimeout(timer); });
 
   // -- what a click on the heatmap does -------------------------------------------------------
   const modes = h("span", { class: "nnp-modes" });

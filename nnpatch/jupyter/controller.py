@@ -237,11 +237,12 @@ class WorkbenchController:
 
     def compare(self, other: int):
         """The shown run and run `other` (an index into `history.runs`) side by side on one scale."""
-        here, there = self.history.index, other
-        runs = [self.history.run(i) for i in sorted({here, there})]
+        self._run()
+        picked = sorted({self.history.index, other})
+        runs = [self.history.run(i) for i in picked]
         if len(runs) < 2:
             raise NNPatchError("pick another run to compare with: this one is on screen already")
-        titles = [f"run {self.history.runs.index(r) + 1}: {_describe(r.settings)}" for r in runs]
+        titles = [f"run {i + 1}: {_describe(r.settings)}" for i, r in zip(picked, runs)]
         return _compare([r.result for r in runs], titles, self.theme)
 
     def pair_figure(self):

@@ -95,6 +95,8 @@ class _Inspector(anywidget.AnyWidget):
     code = t.Unicode("").tag(sync=True)
     busy = t.Bool(False).tag(sync=True)
     message = t.Unicode("").tag(sync=True)
+    plot_width = t.Int(0).tag(sync=True)  # px the page gives the heatmap (0: not measured yet)
+    row_width = t.Int(0).tag(sync=True)  # px of the heatmap and inspector's row, for the second figure
 
 
 class Workbench(ipywidgets.VBox):
@@ -128,7 +130,8 @@ class Workbench(ipywidgets.VBox):
         side_by_side = ipywidgets.Box([self._heatmap_box, self.inspector], layout=ipywidgets.Layout(
             display="flex", flex_flow="row wrap", align_items="flex-start", width="100%"))
         side_by_side.add_class("nnp-patching")
-        self._extra_box = ipywidgets.Box([self.extra], layout=ipywidgets.Layout(display="none", width="100%"))
+        # The second figure joins the page when first needed, so that the heatmap is the page's one plot till then.
+        self._extra_box = ipywidgets.Box([], layout=ipywidgets.Layout(display="none", width="100%"))
         self.tabs = ipywidgets.Tab([ipywidgets.VBox([side_by_side, self._extra_box])])
         self.tabs.set_title(0, "Patching")
         super().__init__([self.controls, self.tabs])
@@ -142,6 +145,7 @@ class Workbench(ipywidgets.VBox):
         self.controls.observe(self._on_controls_action, names="action")
         self.controls.observe(self._on_theme, names="theme")
         self.inspector.observe(self._on_inspector_action, names="action")
+        self.inspector.observe(self._on_width, names=["plot_width", "row_width"])
 
         if self.controller.pairs:
             self.controls.pair = 0
@@ -236,6 +240,14 @@ class Workbench(ipywidgets.VBox):
         except NNPatchError:
             c.warning = ""  # e.g. all pairs without pairs: Run says why
 
+    def _on_width(self, change=None):
+        """The figures follow the width the page measured (see inspector.js)."""
+        i = self.inspector
+        if self.heatmap.data and i.plot_width:
+            self.heatmap.layout.width = i.plot_width
+        if self.extra.data and i.row_width:
+            self.extra.layout.width = i.row_width
+
     def _on_theme(self, change):
         self.controller.theme = "dark" if change["new"] == "dark" else "light"
         if self.controller.result is not None:
@@ -314,9 +326,11 @@ class Workbench(ipywidgets.VBox):
     def _show_extra(self, fig, kind: str):
         self.extra.data = []
         if fig is not None:
+            self._extra_box.children = (self.extra,)
             self.extra.layout = {}
             self.extra.add_traces(fig.data)
             self.extra.layout = fig.layout
+            self.extra.layout.width = self.inspector.row_width or None
         self._extra_box.layout.display = None if fig is not None else "none"
         self._show_history(kind)
 
@@ -333,6 +347,7 @@ class Workbench(ipywidgets.VBox):
             self.heatmap.data = []
             self.heatmap.add_traces(fig.data)
             self.heatmap.layout = fig.layout
+            self.heatmap.layout.width = self.inspector.plot_width or None
             for trace in self.heatmap.data:
                 trace.on_click(self._on_cell_click)
             self._heatmap_box.layout.display = None
