@@ -194,9 +194,12 @@ class WorkbenchController:
             low, high, std = (_rows(x) for x in spread(run.per_pair))
             text = [[f"{len(run.per_pair)} pairs: min {a:.3f}, max {b:.3f}, std {c:.3f}"
                      for a, b, c in zip(*row)] for row in zip(low, high, std)]
-            trace = fig.data[0]
+            trace, template = fig.data[0], fig.data[0].hovertemplate or "%{z}<extra></extra>"
+            if trace.text is not None and "%{text}" in template:  # the hover is the text: extend it
+                text = [[f"{old}<br>{new}" for old, new in zip(*rows)] for rows in zip(trace.text, text)]
+            else:
+                trace.hovertemplate = template.replace("<extra>", "<br>%{text}<extra>", 1)
             trace.text = text
-            trace.hovertemplate = (trace.hovertemplate or "%{z}").replace("<extra>", "<br>%{text}<extra>", 1)
         boxes = [_box(self._point(c), "#111", "solid") for c in self.selection]
         if self.inspected is not None:
             boxes.append(_box(self._point(self.inspected), "#e8590c", "dot"))
