@@ -115,7 +115,9 @@ def test_position_labels_carry_their_index_and_thin_out():
     r = PatchingResult(torch.randn(2, n), ("layer", "pos"), {"pos": tokens}, 2.0, 0.5)
     x = heatmap.plot(r).layout.xaxis
     k = math.ceil(n / heatmap.MAX_TICKS)
-    assert list(x.tickvals) == list(range(0, n, k)) + [n - 1]
+    assert list(x.tickvals) == list(range(0, n, k)) + [n - 1]  # 96, then the last position
+    x = heatmap.plot(PatchingResult(torch.randn(2, n - 2), ("layer", "pos"), {"pos": tokens[:-2]}, 2, 0.5)).layout.xaxis
+    assert list(x.tickvals) == list(range(0, n - 4, k)) + [n - 3]  # not 96 beside 97: they would overlap
     assert list(x.ticktext) == [f"' w{i}' {i}" for i in x.tickvals]
     small = heatmap.plot(result("prob")).layout.xaxis
     assert list(small.tickvals) == [0, 1, 2] and list(small.ticktext) == ["'When' 0", "' Mary' 1", "' to' 2"]

@@ -116,7 +116,7 @@ def heads(result: PathPatchingResult, *, values: str = "normalized", title: str 
     label = f"fraction of clean kept ({result.metric})" if shown == "normalized" else f"change in {result.metric}"
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"h{h}" for h in range(result.n_heads)], y=[f"layer {i}" for i in range(result.n_layers)],
-        colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit, colorbar={"title": {"text": label}},
+        colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit, colorbar={"title": {"text": label, "side": "right"}},
         text=hover, hovertemplate="%{text}<extra></extra>"))
     receivers = ", ".join(result.receivers[:6]) + (" ..." if len(result.receivers) > 6 else "")
     note = "" if defined else (f"<br><sub>clean and corrupt both score {result.clean_score:.4g}: the fraction is "

@@ -28,6 +28,7 @@ from ..errors import NNPatchValueError
 # Only keys plotly.py knows (it warns on others): plotly.js 3 has no Chart Studio button left,
 # and "sendDataToCloud" is the one cloud button it still draws when asked.
 CONFIG = {"displaylogo": False, "showSendToCloud": False, "modeBarButtonsToRemove": ["sendDataToCloud"]}
+"""plotly's display config of every nnpatch figure: no plotly logo, no button that sends data away."""
 NO_CLOUD = {"remove": ["sendDataToCloud"]}  # the same in the layout, which a FigureWidget keeps too
 THEMES = ("auto", "light", "dark")
 _CLEAR = "rgba(0,0,0,0)"  # transparent: the page's own background shows through

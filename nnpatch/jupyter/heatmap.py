@@ -55,7 +55,7 @@ def plot(result: PatchingResult, *, title: str | None = None, height: int | None
     grid, scaled = _Grid(result), _Scaled(result)
     limit = _limit([scaled])
     fig = go.Figure(grid.trace(scaled, zmin=scaled.centre - limit, zmax=scaled.centre + limit,
-                               zmid=scaled.centre, colorscale=SCALE, colorbar={"title": {"text": scaled.label}}))
+                               zmid=scaled.centre, colorscale=SCALE, colorbar=_colorbar(scaled.label)))
     fig.update_layout(title=title or _title(result) + scaled.note, height=height or grid.height(),
                       xaxis=grid.xaxis(), yaxis=grid.yaxis(), margin={"l": 80, "r": 20, "t": 60, "b": 60})
     return finish(fig, theme)
@@ -93,7 +93,7 @@ def compare(results: Sequence[PatchingResult], *, titles: Sequence[str] | None =
         fig.update_yaxes(grid.yaxis(), row=1, col=col)
     metrics = sorted({r.metric for r in results})
     fig.update_layout(coloraxis={"colorscale": SCALE, "cmin": -limit, "cmax": limit, "cmid": 0,
-                                 "colorbar": {"title": {"text": _fraction_label(", ".join(metrics))}}},
+                                 "colorbar": _colorbar(_fraction_label(", ".join(metrics)))},
                       height=height or max(g.height() for g in grids),
                       margin={"l": 80, "r": 20, "t": 60, "b": 60})
     return finish(fig, theme)
@@ -178,6 +178,10 @@ class _Scaled:
             self.note += f"<br><sub>{blank} cell(s) undefined (blank)</sub>"
 
 
+def _colorbar(title: str) -> dict:
+    return {"title": {"text": title, "side": "right"}}  # along the bar: the plot keeps its width
+
+
 def _fraction_label(metric: str) -> str:
     return f"fraction of clean restored ({metric})"
 
@@ -243,14 +247,17 @@ class _Grid:
                 "title": self.row_title, "autorange": "reversed"}
 
     def height(self) -> int:
-        return int(min(1200, max(300, 140 + 22 * min(len(self.row_ticks), 48))))
+        return int(min(1200, max(340, 200 + 26 * len(self.row_ticks))))
 
 
 def _thin(n: int) -> list[int]:
-    """Which of n ticks to label: all of up to MAX_TICKS, else every k-th and the last."""
+    """Which of n ticks to label: all of up to MAX_TICKS, else every k-th and the last (the
+    prediction's position)."""
     k = max(1, math.ceil(n / MAX_TICKS))
     shown = list(range(0, n, k))
     if shown and shown[-1] != n - 1:
+        if n - 1 - shown[-1] < k / 2 and len(shown) > 1:
+            shown.pop()  # too close to the last one: its label would overlap
         shown.append(n - 1)
     return shown
 
