@@ -83,6 +83,7 @@ def test_equal_clean_and_corrupt_show_raw_values_and_say_why():
     assert trace.zmid == pytest.approx(0.4) and trace.zmax - 0.4 == pytest.approx(0.4 - trace.zmin)
     assert "undefined" in fig.layout.title.text and "raw" in trace.colorbar.title.text
     assert "fraction" not in trace.text[0][0]
+    assert "undefined" in heatmap.plot(flat, title="my sweep").layout.title.text  # a title keeps the warning
     assert flat.span_defined is False and torch.isnan(flat.restored()).all()
 
 
@@ -93,6 +94,15 @@ def test_equal_scores_of_a_normalised_metric_leave_blank_cells_and_a_fix():
     assert [list(row) for row in fig.data[0].z] == [[None, None, None]]
     assert "metric='logit_diff_raw'" in fig.layout.title.text
     assert fig.to_json()  # valid JSON: no inf or NaN left for plotly to colour
+
+
+def test_compare_leaves_a_result_without_a_fraction_blank_and_says_so():
+    fine, flat = result("prob"), result("prob", clean=0.4, corrupt=0.4)
+    fig = heatmap.compare([fine, flat], titles=["fine", "flat"])
+    assert all(v is None for row in fig.data[1].z for v in row)
+    assert torch.allclose(torch.tensor(fig.data[0].z), torch.tensor(hand_fraction()), atol=1e-5)
+    assert [a.text for a in fig.layout.annotations] == ["fine", "flat (undefined: clean = corrupt)"]
+    assert fig.layout.coloraxis.cmid == 0 and fig.layout.coloraxis.cmin == -fig.layout.coloraxis.cmax
 
 
 def test_a_tiny_span_of_a_normalised_metric_recovers_the_raw_values():

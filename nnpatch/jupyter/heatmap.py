@@ -56,7 +56,7 @@ def plot(result: PatchingResult, *, title: str | None = None, height: int | None
     limit = _limit([scaled])
     fig = go.Figure(grid.trace(scaled, zmin=scaled.centre - limit, zmax=scaled.centre + limit,
                                zmid=scaled.centre, colorscale=SCALE, colorbar=_colorbar(scaled.label)))
-    fig.update_layout(title=title or _title(result) + scaled.note, height=height or grid.height(),
+    fig.update_layout(title=(title or _title(result)) + scaled.note, height=height or grid.height(),
                       xaxis=grid.xaxis(), yaxis=grid.yaxis(), margin={"l": 80, "r": 20, "t": 60, "b": 60})
     return finish(fig, theme)
 
@@ -133,7 +133,8 @@ def scatter(attribution: PatchingResult, activation: PatchingResult, *, title: s
                    hovertemplate="%{text}<extra></extra>"),
     ])
     fig.update_layout(
-        title=title or f"attribution vs activation patching: {activation.site} (r = {corr:.3f}){xs.note}",
+        title=(title or f"attribution vs activation patching: {activation.site} (r = {corr:.3f})")
+        + xs.note + ys.note,
         xaxis_title=f"activation patching: {xs.label}", yaxis_title=f"attribution patching: {ys.label}",
         height=500)
     return finish(fig, theme)
