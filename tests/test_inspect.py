@@ -61,6 +61,7 @@ def softmax_causal(scores):
     return scores.masked_fill(mask, float("-inf")).softmax(-1)
 
 
+@torch.no_grad()
 def gpt2_pattern(hf, layer, head, ids):
     x = attn_input(hf, layer, ids)
     c = layers_of(hf)[layer].attn.c_attn
@@ -81,6 +82,7 @@ def rope(x, theta):  # x: [pos, hd]
     return x * cos + rotated * sin
 
 
+@torch.no_grad()
 def llama_pattern(hf, layer, head, ids):
     x = attn_input(hf, layer, ids)
     attn = layers_of(hf)[layer].self_attn
