@@ -177,3 +177,21 @@ def test_table_max_tabs_equal_the_llama_references():
                                      answer=pair.answer, wrong=pair.wrong)
     assert torch.allclose(lens["patched"].top_probs[-1, -1], run_.patched_logits[0].softmax(-1).max(), atol=1e-5)
     assert all(p.last_error is None for p in panels.values())
+
+
+def test_tabs_never_keep_numbers_of_an_earlier_run(ioi):
+    wb = fake_workbench(ioi)
+    panels = workbench_tabs.add_all(wb)
+    run(wb, HEADS)
+    inspect(wb, (2, 1))
+    swapped = dataclasses.replace(HEADS, answer=" John", wrong=" Mary")
+    run(wb, swapped)
+    assert panels["Head"].view is None and len(panels["Head"].patterns.data) == 0  # the old head is gone
+    inspect(wb, (2, 1))
+    heads, _, _ = dla_by_hand(ioi, CLEAN, " John", " Mary")
+    assert torch.allclose(panels["Head"].view.dla_clean, heads, atol=1e-5)  # not the cached " Mary" one
+    other = nnpatch.tasks.ioi(1, seed=3, template=0)[0]
+    run(wb, Settings(other.clean, other.corrupt, other.answer, other.wrong))
+    probs, _ = lens_by_hand(ioi, tokens(ioi, other.clean))
+    check_lens(panels["Logit lens"].view["clean"], probs, ioi.to_tokens(other.answer)[0], ioi.tokenizer.decode)
+    assert "patched" not in panels["Logit lens"].view

@@ -68,23 +68,26 @@ class HeadView:
     dla_corrupt: object
 
 
-def head_view(model, settings, cell: tuple) -> HeadView | None:
-    """The inspected head's patterns and every head's direct logit attribution, or None when the
-    cell is not a head (the heatmap is not by head)."""
+def head_view(model, settings, cell: tuple, dla: tuple | None = None) -> HeadView | None:
+    """The inspected head's patterns and every head's direct logit attribution (`dla`: the clean
+    and corrupt runs' attributions when already computed), or None when the cell is not a head."""
     if "head" not in settings.by:
         return None
     layer, head = cell[settings.by.index("layer")], cell[settings.by.index("head")]
     s = settings
+    if dla is None:
+        dla = (head_logit_attribution(model, s.clean, s.answer, s.wrong),
+               head_logit_attribution(model, s.corrupt, s.answer, s.wrong))
     return HeadView(layer, head, attention_pattern(model, s.clean, layer, head),
-                    attention_pattern(model, s.corrupt, layer, head),
-                    head_logit_attribution(model, s.clean, s.answer, s.wrong),
-                    head_logit_attribution(model, s.corrupt, s.answer, s.wrong))
+                    attention_pattern(model, s.corrupt, layer, head), *dla)
 
 
-def lens_view(model, settings, cell: tuple | None = None) -> dict[str, LogitLens]:
-    """The lenses of the clean and corrupt runs and, for a cell, of the run that cell patched."""
+def lens_view(model, settings, cell: tuple | None = None, runs: dict | None = None) -> dict[str, LogitLens]:
+    """The lenses of the clean and corrupt runs (`runs` when already computed) and, for a cell,
+    of the run that cell patched."""
     s = settings
-    out = {"clean": logit_lens(model, s.clean, s.answer), "corrupt": logit_lens(model, s.corrupt, s.answer)}
+    out = dict(runs) if runs is not None else \
+        {"clean": logit_lens(model, s.clean, s.answer), "corrupt": logit_lens(model, s.corrupt, s.answer)}
     if cell is not None:
         denoise = getattr(s, "direction", "denoise") == "denoise"
         base, source = (s.corrupt, s.clean) if denoise else (s.clean, s.corrupt)
@@ -150,12 +153,22 @@ class _Panel(ipywidgets.VBox):
 class HeadPanel(_Panel):
     def __init__(self, controller):
         self.patterns, self.dla = _figure(), _figure()
+        self._dla = None  # (settings, attributions): they belong to a run, not to one head
         super().__init__(controller, [self.patterns, self.dla])
+        self.note.value = "Inspect a cell of a layer × head heatmap to see that head here."
+
+    def ran(self) -> None:
+        self.view = None
+        _show(self.patterns, go.Figure())
+        _show(self.dla, go.Figure())
         self.note.value = "Inspect a cell of a layer × head heatmap to see that head here."
 
     def inspected(self, cell, settings) -> None:
         def work():
-            self.view = view = head_view(self.controller.model, settings, cell)
+            known = self._dla is not None and self._dla[0] == settings
+            self.view = view = head_view(self.controller.model, settings, cell, self._dla[1] if known else None)
+            if view is not None:
+                self._dla = (settings, (view.dla_clean, view.dla_corrupt))
             if view is None:
                 self.note.value = ("Inspect a cell of a layer × head (or layer × head × pos) heatmap to see that "
                                    "head's attention and direct effect here.")
@@ -176,6 +189,7 @@ class HeadPanel(_Panel):
 class LensPanel(_Panel):
     def __init__(self, controller):
         self.figure = _figure()
+        self._settings = None  # of the view's clean and corrupt lenses
         super().__init__(controller, [self.figure])
         self.note.value = "Run to see the logit lens of the clean and corrupt prompts."
 
@@ -187,7 +201,10 @@ class LensPanel(_Panel):
 
     def _draw(self, cell, settings) -> None:
         def work():
-            self.view = lenses = lens_view(self.controller.model, settings, cell)
+            known = self.view is not None and self._settings == settings
+            runs = {k: self.view[k] for k in ("clean", "corrupt")} if known else None
+            self.view = lenses = lens_view(self.controller.model, settings, cell, runs)
+            self._settings = settings
             titles = {"clean": "clean", "corrupt": "corrupt"}
             if cell is not None:
                 titles["patched"] = f"patched: {lenses['patched'].patch} ({getattr(settings, 'direction', 'denoise')})"
