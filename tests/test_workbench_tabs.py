@@ -195,3 +195,19 @@ def test_tabs_never_keep_numbers_of_an_earlier_run(ioi):
     probs, _ = lens_by_hand(ioi, tokens(ioi, other.clean))
     check_lens(panels["Logit lens"].view["clean"], probs, ioi.to_tokens(other.answer)[0], ioi.tokenizer.decode)
     assert "patched" not in panels["Logit lens"].view
+
+
+def test_sites_tab_of_an_all_pairs_run_sweeps_every_pair(ioi):
+    pairs = nnpatch.tasks.ioi(3, template=0)
+    wb = fake_workbench(ioi, pairs)
+    panel = workbench_tabs.add_all(wb)["Sites"]
+    first = wb.controller.pairs[0]
+    # the settings of an "all pairs (mean)" run, as the v2 controller gives them
+    wb.controller.settings = SimpleNamespace(**dataclasses.asdict(Settings(first["clean"], first["corrupt"],
+                                             first["answer"], first["wrong"])), direction="denoise", all_pairs=True)
+    wb.controller.result = nnpatch.activation_patching(ioi, pairs, site="resid_pre", progress=False)
+    panel.ran()
+    assert panel.last_error is None and "mean of 3 pairs" in panel.note.value
+    assert panel.view["resid_pre"] is wb.controller.result
+    api = nnpatch.activation_patching(ioi, pairs, site="mlp_out", progress=False)
+    assert torch.allclose(panel.view["mlp_out"].values, api.values, atol=1e-5) and api.n_pairs == 3

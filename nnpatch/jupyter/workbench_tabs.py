@@ -102,18 +102,24 @@ def noise_view(model, settings, subject: list[int], noise: float | None, mode: s
                           answer=s.answer, wrong=s.wrong, metric=s.metric, progress=False)
 
 
-def sites_view(model, settings, last=None) -> dict:
-    """resid_pre, attn_out and mlp_out swept with the last run's prompts, tokens and metric (by
-    layer x pos, or by layer for a run by head); `last` is reused where it is one of them."""
+def sites_view(model, settings, last=None, pairs: list[dict] | None = None) -> dict:
+    """resid_pre, attn_out and mlp_out swept with the last run's prompts (or `pairs`, dicts with
+    clean, corrupt, answer, wrong), tokens, metric and direction, by the run's cells (layer x pos
+    for a run by head); `last` is reused where it is one of them."""
     s = settings
     by = s.by if "head" not in s.by else ("layer", "pos")
+    direction = getattr(s, "direction", "denoise")
+    pairs = pairs or [{"clean": s.clean, "corrupt": s.corrupt, "answer": s.answer, "wrong": s.wrong}]
+    columns = {k: [p[k] for p in pairs] for k in ("clean", "corrupt", "answer", "wrong")}
     out = {}
     for site in SITES:
-        if last is not None and last.site == site and tuple(last.dims) == tuple(by) and last.n_pairs == 1:
+        if last is not None and (last.site, tuple(last.dims), last.direction, last.n_pairs) == \
+                (site, tuple(by), direction, len(pairs)):
             out[site] = last
         else:
-            out[site] = activation_patching(model, s.clean, s.corrupt, answer=s.answer, wrong=s.wrong,
-                                            metric=s.metric, site=site, by=by, progress=False)
+            out[site] = activation_patching(model, columns["clean"], columns["corrupt"], answer=columns["answer"],
+                                            wrong=columns["wrong"], metric=s.metric, site=site, by=by,
+                                            direction=direction, progress=False)
     return out
 
 
@@ -256,7 +262,8 @@ class NoisePanel(_Panel):
             last = self.controller.result
             _show(self.figure, heatmap.compare(
                 [result, last], titles=[f"noise on {subject} (std {result.noise:.3g}), {result.direction}",
-                                        f"corrupt prompt, {last.direction}"]))
+                                        f"corrupt prompt, {last.direction}"
+                                        + (f" (mean of {last.n_pairs} pairs)" if last.n_pairs > 1 else "")]))
             self.note.value = _escape(f"Noise std {result.noise:.4g} on tokens {subject} of the clean prompt "
                                       f"(seed {result.seed}); clean {result.clean_score:.4g}, noisy {result.corrupt_score:.4g}.")
         self.update(work)
@@ -270,8 +277,15 @@ class SitesPanel(_Panel):
 
     def ran(self) -> None:
         def work():
-            self.view = results = sites_view(self.controller.model, self.controller.settings, self.controller.result)
+            ctl = self.controller
+            s = ctl.settings
+            pairs = None
+            if getattr(s, "all_pairs", False) and ctl.pairs:  # as the run did: each pair's own tokens first
+                pairs = [{**p, "answer": p["answer"] or s.answer, "wrong": p["wrong"] or s.wrong} for p in ctl.pairs]
+            self.view = results = sites_view(ctl.model, s, ctl.result, pairs)
             _show(self.figure, heatmap.compare(list(results.values()), titles=list(results)))
+            n = next(iter(results.values())).n_pairs
+            self.note.value = f"{' × '.join(next(iter(results.values())).dims)}" + (f", mean of {n} pairs" if n > 1 else "")
         self.update(work)
 
 
