@@ -382,3 +382,38 @@ def test_patched_lens_with_equal_prompts_is_the_plain_lens(ioi):
 def test_bad_patch_says_what_is_wrong(ioi, patch, error, match):
     with pytest.raises(error, match=match):
         nnpatch.logit_lens(ioi, CORRUPT, patch=patch)
+
+
+def other_arch(name):
+    from transformers import GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    common = dict(vocab_size=60, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    hf = {"neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                           intermediate_size=64, max_position_embeddings=64, **common)),
+          "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                        num_key_value_heads=2, intermediate_size=64,
+                                                        max_position_embeddings=64, **common)),
+          "gptj": lambda: GPTJForCausalLM(GPTJConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64, rotary_dim=4, **common)),
+          }[name]().eval()
+    return nnpatch.LanguageModel(hf, tokenizer=word_tokenizer())
+
+
+@pytest.mark.parametrize("name", ["neox", "qwen2", "gptj"])
+def test_other_architectures_pattern_and_lens_equal_hf(name):
+    lm = other_arch(name)
+    text = prompt(3, 5, 7, 9)
+    ids = tokens(lm, text)
+    eager = type(lm.module)._from_config(lm.module.config, attn_implementation="eager").eval()
+    eager.load_state_dict(lm.module.state_dict())
+    with torch.no_grad():
+        want = eager(ids, output_attentions=True).attentions
+        real = lm.module(ids).logits[0].softmax(-1)
+    for layer, head in [(0, 1), (1, 2)]:
+        assert torch.allclose(nnpatch.attention_pattern(lm, text, layer, head).weights, want[layer][0, head], atol=1e-6)
+    if name == "gptj":  # no circuit graph, so no known final norm: the error says how to add one
+        with pytest.raises(ValueError, match="logit_lens reads the final norm.*register_graph"):
+            nnpatch.logit_lens(lm, text)
+        return
+    lens = nnpatch.logit_lens(lm, text, "t4")
+    assert torch.allclose(lens.top_probs[-1], real.max(-1).values, atol=1e-5)
+    assert torch.allclose(lens.answer_probs[-1], real[:, lm.to_tokens("t4")[0]], atol=1e-5)

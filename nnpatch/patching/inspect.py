@@ -98,7 +98,7 @@ def head_logit_attribution(model, prompt, answer, wrong) -> torch.Tensor:
         (torch.Size([4, 4]), True)
     """
     lm, module, table = _unpack(model)
-    g = graph(module)
+    g = _graph(module, "head_logit_attribution")
     ids = _prompt_ids(lm, module, prompt)
     a = token_id(lm.tokenizer, answer, what="answer", vocab_size=_vocab(module))
     w = token_id(lm.tokenizer, wrong, what="wrong token", vocab_size=_vocab(module))
@@ -203,7 +203,7 @@ def logit_lens(model, prompt, answer=None, *, patch: dict | None = None) -> Logi
         (' Mary', 'resid_pre (layer 2, pos -1) from the source prompt')
     """
     lm, module, table = _unpack(model)
-    g = graph(module)
+    g = _graph(module, "logit_lens")
     ids = _prompt_ids(lm, module, prompt)
     a = None if answer is None else token_id(lm.tokenizer, answer, what="answer", vocab_size=_vocab(module))
     rows: dict[int, torch.Tensor] = {}
@@ -273,6 +273,15 @@ def _unpack(model) -> tuple[Model, torch.nn.Module, Sites]:
         raise NNPatchTypeError(f"this needs an nnpatch.LanguageModel with its tokenizer (e.g. "
                                f"nnpatch.models.load('ioi')), got {type(model).__name__}")
     return model, model.module, sites(model.module)
+
+
+def _graph(module, what: str):
+    """The circuit graph, which knows the final norm and the heads' output projections."""
+    try:
+        return graph(module)
+    except NNPatchValueError as e:
+        raise NNPatchValueError(f"{what} reads the final norm and the attention output projections from the "
+                                f"circuit graph's table: {e}") from None
 
 
 def _index(i, size: int | None, what: str) -> int:
