@@ -211,3 +211,29 @@ def test_sites_tab_of_an_all_pairs_run_sweeps_every_pair(ioi):
     assert panel.view["resid_pre"] is wb.controller.result
     api = nnpatch.activation_patching(ioi, pairs, site="mlp_out", progress=False)
     assert torch.allclose(panel.view["mlp_out"].values, api.values, atol=1e-5) and api.n_pairs == 3
+
+
+def test_tabs_not_on_screen_compute_when_selected(ioi):
+    import ipywidgets
+    wb = fake_workbench(ioi)
+    wb.tabs = ipywidgets.Tab([ipywidgets.HTML("heatmap")])
+    wb.add_tab = lambda title, widget: setattr(wb.tabs, "children", (*wb.tabs.children, widget))
+    panels = workbench_tabs.add_all(wb)
+    run(wb, HEADS)
+    inspect(wb, (2, 1))
+    assert panels["Head"].view is None and panels["Logit lens"].view is None and panels["Sites"].view is None
+    assert panels["Noise"].subject.value == "9"  # the noise tab fills its subject at once
+    wb.tabs.selected_index = 2  # Logit lens
+    assert panels["Logit lens"].view["patched"].patch == "head_out (layer 2, head 1) from the source prompt"
+    assert panels["Head"].view is None
+    wb.tabs.selected_index = 1
+    eager = fake_workbench(ioi)
+    reference_panels = workbench_tabs.add_all(eager)
+    run(eager, HEADS)
+    inspect(eager, (2, 1))
+    assert torch.equal(panels["Head"].view.dla_clean, reference_panels["Head"].view.dla_clean)
+    assert torch.equal(panels["Head"].view.clean.weights, reference_panels["Head"].view.clean.weights)
+    inspect(wb, (3, 0))  # on screen: at once
+    assert (panels["Head"].view.layer, panels["Head"].view.head) == (3, 0)
+    wb.tabs.selected_index = 4
+    assert panels["Sites"].view["resid_pre"].site == "resid_pre" and panels["Sites"].pending == (False, None)

@@ -39,21 +39,36 @@ DENOISE_NOTE = ("<b>denoise</b>: each cell's clean activation is put into the co
 
 
 def add_all(wb) -> dict[str, ipywidgets.Widget]:
-    """Make the Head, Logit lens, Noise and Sites tabs of workbench `wb` and register them."""
+    """Make the Head, Logit lens, Noise and Sites tabs of workbench `wb` and register them.
+
+    When the workbench shows its tabs in an `ipywidgets.Tab` (`wb.tabs`), a tab that is not on
+    screen keeps only the latest run or inspected cell and computes it when it is selected, so a
+    Run or a click costs only the tab in view."""
     ctl = wb.controller
     panels = {"Head": HeadPanel(ctl), "Logit lens": LensPanel(ctl), "Noise": NoisePanel(ctl), "Sites": SitesPanel(ctl)}
     for title, panel in panels.items():
         wb.add_tab(title, panel)
+    tabs = getattr(wb, "tabs", None)
+    tabs = tabs if isinstance(tabs, ipywidgets.Tab) else None
 
-    def inspected(cell, settings):
-        for panel in panels.values():
-            panel.inspected(tuple(cell), settings)
+    def shown(panel) -> bool:
+        return tabs is None or panel.eager or (
+            panel in tabs.children and tabs.selected_index == tabs.children.index(panel))
 
-    def ran():
+    def tell(run: bool, cell=None):
         for panel in panels.values():
-            panel.ran()
-    wb.on_inspect(inspected)
-    wb.on_run(ran)
+            panel.pending = (True, cell) if run else (panel.pending[0], cell)
+            if shown(panel):
+                panel.catch_up()
+
+    wb.on_inspect(lambda cell, settings: tell(False, (tuple(cell), settings)))
+    wb.on_run(lambda: tell(True))
+    if tabs is not None:
+        def selected(change):
+            for panel in panels.values():
+                if shown(panel):
+                    panel.catch_up()
+        tabs.observe(selected, names="selected_index")
     return panels
 
 
@@ -128,13 +143,24 @@ class _Panel(ipywidgets.VBox):
     """A tab: a note line, controls, and figures; `update` computes and draws, reporting errors
     in the note. `seconds` is how long the last update took (compute and draw)."""
 
+    eager = False  # computes on every run even when not on screen
+
     def __init__(self, controller, children=()):
         self.controller = controller
         self.note = ipywidgets.HTML()
+        self.pending = (False, None)  # not shown yet: (a run?, the latest inspected (cell, settings) or None)
         self.view = None
         self.seconds: float | None = None
         self.last_error: BaseException | None = None
         super().__init__([self.note, *children], layout=ipywidgets.Layout(width="100%"))
+
+    def catch_up(self) -> None:
+        """Show the run and the inspected cell this panel has not shown yet."""
+        (run, inspected), self.pending = self.pending, (False, None)
+        if run:
+            self.ran()
+        if inspected is not None:
+            self.inspected(*inspected)
 
     def inspected(self, cell, settings) -> None:
         pass
@@ -221,6 +247,8 @@ class LensPanel(_Panel):
 
 
 class NoisePanel(_Panel):
+    eager = True  # a run only fills in the subject, which the user may edit before looking
+
     def __init__(self, controller):
         self.subject = ipywidgets.Text(description="subject", placeholder="token positions, e.g. 9, 10",
                                        tooltip="positions of the tokens whose input embeddings get noise")
