@@ -237,3 +237,23 @@ def test_tabs_not_on_screen_compute_when_selected(ioi):
     assert (panels["Head"].view.layer, panels["Head"].view.head) == (3, 0)
     wb.tabs.selected_index = 4
     assert panels["Sites"].view["resid_pre"].site == "resid_pre" and panels["Sites"].pending == (False, None)
+
+
+def test_plots_show_the_values_they_are_given(ioi):
+    from nnpatch.jupyter import inspect_plots
+    pattern = nnpatch.attention_pattern(ioi, "When Mary and John", 1, 0)
+    fig = inspect_plots.attention([pattern])
+    assert list(fig.data[0].x) == ["'When' 0", "' Mary' 1", "' and' 2", "' John' 3"]
+    assert fig.data[0].z[1][0] == pytest.approx(float(pattern.weights[1, 0])) and fig.data[0].z[0][1] is None
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == 1
+    dla = torch.tensor([[0.5, -2.0], [1.0, 0.0]])
+    fig = inspect_plots.logit_attribution(dla, answer=" Mary", wrong=" John", mark=(1, 0))
+    assert torch.equal(torch.tensor(fig.data[0].z), dla) and (fig.data[0].zmin, fig.data[0].zmax) == (-2.0, 2.0)
+    assert fig.layout.shapes[0].x0 == -0.5 and fig.layout.shapes[0].y0 == 0.5  # head 0 of layer 1
+    lens = nnpatch.logit_lens(ioi, "When Mary and John")  # no answer: colour is the top token's probability
+    fig = inspect_plots.logit_lens(lens)
+    assert torch.allclose(torch.tensor(fig.data[0].z), lens.top_probs)
+    assert fig.layout.coloraxis.colorbar.title.text == "p(top token)" and "p(' Mary')" not in str(fig.layout)
+    with pytest.raises(ValueError, match="at least one"):
+        inspect_plots.attention([])
+    assert inspect_plots.CONFIG["displaylogo"] is False
