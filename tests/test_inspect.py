@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 import nnpatch
 from conftest import gpt2, llama, prompt, word_tokenizer

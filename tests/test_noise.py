@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nnpatch
-from conftest import hook, last_logits, llama, prompt, word_tokenizer
+from conftest import last_logits, llama, prompt, word_tokenizer
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 

@@ -48,7 +48,8 @@ def attention(patterns: Sequence[AttentionPattern], *, titles: Sequence[str] | N
     for col, p in enumerate(patterns, start=1):
         w = p.weights.float()
         causal = torch.ones_like(w, dtype=torch.bool).tril()
-        z = [[float(v) if keep else None for v, keep in zip(row, mask)] for row, mask in zip(w.tolist(), causal.tolist())]
+        z = [[float(v) if keep else None for v, keep in zip(row, mask)]
+             for row, mask in zip(w.tolist(), causal.tolist())]
         labels = token_labels(p.tokens)
         fig.add_trace(go.Heatmap(
             z=z, x=labels, y=labels, coloraxis="coloraxis", xgap=1, ygap=1,

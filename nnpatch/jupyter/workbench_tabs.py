@@ -177,7 +177,8 @@ class _Panel(ipywidgets.VBox):
             self.note.value = _escape(str(e))
         except Exception as e:  # noqa: BLE001 - a widget callback has no caller to raise to
             self.last_error = e
-            self.note.value = _escape(f"unexpected {type(e).__name__}: {e} (the traceback is in the panel's last_error)")
+            self.note.value = _escape(f"unexpected {type(e).__name__}: {e} "
+                                      "(the traceback is in the panel's last_error)")
         finally:
             self.seconds = time.perf_counter() - start
 
@@ -206,15 +207,18 @@ class HeadPanel(_Panel):
                                    "head's attention and direct effect here.")
                 return
             _show(self.patterns, inspect_plots.attention(
-                [view.clean, view.corrupt], titles=[f"clean: L{view.layer}H{view.head}", f"corrupt: L{view.layer}H{view.head}"]))
+                [view.clean, view.corrupt],
+                titles=[f"clean: L{view.layer}H{view.head}", f"corrupt: L{view.layer}H{view.head}"]))
             _show(self.dla, inspect_plots.logit_attribution(
                 view.dla_clean, answer=settings.answer, wrong=settings.wrong, mark=(view.layer, view.head),
-                title=f"Direct effect of each head on logit({settings.answer!r}) - logit({settings.wrong!r}), clean run"))
+                title=f"Direct effect of each head on logit({settings.answer!r}) - "
+                      f"logit({settings.wrong!r}), clean run"))
             here = (view.layer, view.head)
             self.note.value = _escape(
                 f"Head L{view.layer}H{view.head}: direct effect on logit({settings.answer!r}) - "
                 f"logit({settings.wrong!r}) {float(view.dla_clean[here]):+.3f} on the clean run, "
-                f"{float(view.dla_corrupt[here]):+.3f} on the corrupt run (final norm's scale frozen at each run's value).")
+                f"{float(view.dla_corrupt[here]):+.3f} on the corrupt run "
+                "(final norm's scale frozen at each run's value).")
         self.update(work)
 
 
@@ -275,7 +279,8 @@ class NoisePanel(_Panel):
             tokens = self.controller.model.to_str_tokens(s.clean)
             self.note.value = _escape(
                 "Subject: the tokens where clean and corrupt differ ("
-                + (", ".join(f"{tokens[p]!r} {p}" for p in differ) or "none: type positions") + "). Run noise to compare.")
+                + (", ".join(f"{tokens[p]!r} {p}" for p in differ) or "none: type positions")
+                + "). Run noise to compare.")
             self.view = None
             _show(self.figure, go.Figure())
         self.update(work)
@@ -293,7 +298,8 @@ class NoisePanel(_Panel):
                                         f"corrupt prompt, {last.direction}"
                                         + (f" (mean of {last.n_pairs} pairs)" if last.n_pairs > 1 else "")]))
             self.note.value = _escape(f"Noise std {result.noise:.4g} on tokens {subject} of the clean prompt "
-                                      f"(seed {result.seed}); clean {result.clean_score:.4g}, noisy {result.corrupt_score:.4g}.")
+                                      f"(seed {result.seed}); clean {result.clean_score:.4g}, "
+                                      f"noisy {result.corrupt_score:.4g}.")
         self.update(work)
 
 
@@ -313,7 +319,8 @@ class SitesPanel(_Panel):
             self.view = results = sites_view(ctl.model, s, ctl.result, pairs)
             _show(self.figure, heatmap.compare(list(results.values()), titles=list(results)))
             n = next(iter(results.values())).n_pairs
-            self.note.value = f"{' × '.join(next(iter(results.values())).dims)}" + (f", mean of {n} pairs" if n > 1 else "")
+            dims = " × ".join(next(iter(results.values())).dims)
+            self.note.value = dims + (f", mean of {n} pairs" if n > 1 else "")
         self.update(work)
 
 

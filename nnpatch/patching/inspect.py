@@ -33,7 +33,7 @@ from ..errors import NNPatchError, NNPatchIndexError, NNPatchTypeError, NNPatchV
 from .graph import graph, weight_matrix
 from .job import BY, Job, Row
 from .runner import Runner
-from .sites import Sites, sites
+from .sites import Site, Sites, sites
 
 
 @dataclass
@@ -106,17 +106,16 @@ def head_logit_attribution(model, prompt, answer, wrong) -> torch.Tensor:
     heads: dict[int, torch.Tensor] = {}
     final: dict[str, torch.Tensor] = {}
     specs = [(site.path, site.kind, _keep_last(site, heads, layer)) for layer, site in enumerate(g.head_sites)]
-    specs.append((g.final_norm, "input", _keep_last(None, final, "x")))
-    specs.append((g.final_norm, "output", _keep_last(None, final, "y")))
+    specs += [(g.final_norm, kind, _keep_last(Site(g.final_norm, kind), final, kind)) for kind in ("input", "output")]
     with exclusive(module), torch.no_grad(), hooks(module, specs):
         module(input_ids=_tensor(module, ids))
-    norm = FrozenNorm(resolve(module, g.final_norm), final["x"], g.final_norm)
-    norm.check(final["y"])
-    u = weight_matrix(unembed)  # [d, vocab]
-    direction = (u[:, a] - u[:, w]).detach().float()  # [d]
+    norm = FrozenNorm(resolve(module, g.final_norm), final["input"], g.final_norm)
+    norm.check(final["output"])
+    u = _linear(unembed, table.unembed)  # [d, vocab]
+    direction = (u[:, a] - u[:, w]).float()  # [d]
     out = torch.zeros(g.n_layers, g.n_heads)
     for layer, site in enumerate(g.head_sites):
-        w_o = weight_matrix(resolve(module, site.path)).detach().float()  # [heads * head_dim, d]
+        w_o = _linear(resolve(module, site.path), site.path).float()  # [heads * head_dim, d]
         z = heads[layer].float().reshape(g.n_heads, -1)  # [heads, head_dim]
         per_head = torch.einsum("hk,hkd->hd", z.to(w_o.device), w_o.reshape(g.n_heads, -1, w_o.shape[-1]))
         out[layer] = (norm(per_head.to(norm.gain.device)) @ direction.to(norm.gain.device)).cpu()
@@ -331,27 +330,30 @@ def _unembed(module, table: Sites) -> torch.nn.Module:
     return resolve(module, table.unembed)
 
 
-def _keep_last(site, store: dict, key):
-    """A hook keeping the last position of a site's value (or of a module's first input/output)."""
-    def hook(module, args, kwargs, output=None):
-        if site is not None:
-            value = site.read(args, kwargs, output)
-        else:
-            value = output if output is not None else (args[0] if args else next(iter(kwargs.values())))
-            value = value[0] if isinstance(value, (tuple, list)) else value
-        store[key] = value[0, -1].detach()
-    if site is not None and site.kind == "input":
-        return lambda module, args, kwargs: hook(module, args, kwargs)
-    return hook
-
-
-def _keep_all(site, store: dict, key):
-    """A hook keeping a site's value of the one prompt: [pos, d]."""
-    def keep(value):
-        store[key] = value[0].detach()
+def _reader(site: Site, keep):
+    """A hook that calls `keep(value)` with the site's value, changing nothing."""
     if site.kind == "input":
         return lambda module, args, kwargs: keep(site.read(args, kwargs))
     return lambda module, args, kwargs, output: keep(site.read(args, kwargs, output))
+
+
+def _linear(module: torch.nn.Module, path: str) -> torch.Tensor:
+    """A linear module's weight as [in, out]."""
+    w = weight_matrix(module)
+    if w is None:
+        raise NNPatchTypeError(f"{path} is a {type(module).__name__}, not a linear layer; direct logit "
+                               "attribution multiplies by its weight matrix")
+    return w.detach()
+
+
+def _keep_last(site: Site, store: dict, key):
+    """A hook keeping a site's value at the last position of the one prompt: [d]."""
+    return _reader(site, lambda value: store.__setitem__(key, value[0, -1].detach()))
+
+
+def _keep_all(site: Site, store: dict, key):
+    """A hook keeping a site's value of the one prompt: [pos, d]."""
+    return _reader(site, lambda value: store.__setitem__(key, value[0].detach()))
 
 
 @contextlib.contextmanager

@@ -50,7 +50,8 @@ class NoisePatchingResult(PatchingResult):
         return super().plot(**kwargs)
 
     def __repr__(self) -> str:
-        plain = super().__repr__().replace("PatchingResult(activation patching", "NoisePatchingResult(noise patching", 1)
+        plain = super().__repr__().replace("PatchingResult(activation patching",
+                                           "NoisePatchingResult(noise patching", 1)
         return plain[:-1] + f", noise std {self.noise:.4g} on tokens {self.subject})"
 
 
@@ -122,7 +123,8 @@ def subject_positions(model, prompts: list, prompt_ids: list[list[int]], subject
         raise NNPatchValueError(f"subject gives {len(subject)} subjects for {n} prompts; give one per prompt, "
                                 "or one string or position list for all")
     subjects = list(subject) if per_prompt else [subject] * n
-    return [_positions(model, prompt, ids, s, i) for i, (prompt, ids, s) in enumerate(zip(prompts, prompt_ids, subjects))]
+    return [_positions(model, prompt, ids, s, i)
+            for i, (prompt, ids, s) in enumerate(zip(prompts, prompt_ids, subjects))]
 
 
 def _positions(model, prompt, ids: list[int], subject, i: int) -> list[int]:
