@@ -1,10 +1,12 @@
 """The workbench in a real browser: JupyterLab 4 headless, Debian's chromium driven by Playwright.
 
-The test opens tests/data/workbench.ipynb (a Workbench on the bundled ioi model), clicks Run,
-clicks a heatmap cell, selects two cells and patches them together, shows the code, and checks
-that every number the page shows equals what nnpatch's Python API computes in this process.
-Then it feeds the app bad input and checks that it answers with a message, not a traceback, and
-still runs. Screenshots go to out/screenshots/.
+The tests open a notebook with a Workbench on the bundled ioi model (one page and kernel for the
+module), click Run, click heatmap cells, select cells and patch them together, show the code,
+and check that every number the page shows equals what nnpatch's Python API computes in this
+process. They feed the app bad input and stale inputs (a message, never a traceback or a number
+of other inputs), press the notebook's run keys inside it, run all pairs, open a head's attention
+pattern and the logit lens, measure the layout at two window sizes, and reopen a saved notebook.
+Screenshots go to out/screenshots/ (scripts/screenshots.py copies the docs' ones to docs/).
 
 Needs chromium (`apt-get install -y chromium`), playwright and jupyterlab (the `test` extra).
 Without them the test fails in CI (CI=true) and is skipped elsewhere; scripts/test.sh installs them.
@@ -30,9 +32,24 @@ import torch
 import nnpatch
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = Path(__file__).parent / "data" / "workbench.ipynb"
+# The workbench on the bundled ioi model, with the Head, Logit lens, Noise, Sites and Circuit tabs
+# (added here while the Workbench does not add them itself).
+WORKBENCH = """import nnpatch
+from nnpatch.jupyter import workbench_tabs
+from nnpatch.jupyter.circuit_panel import CircuitPanel
+
+model = nnpatch.models.load("ioi")
+pairs = nnpatch.tasks.ioi(4, seed=1, template=0)
+wb = nnpatch.Workbench(model, pairs=pairs)
+titles = {wb.tabs.get_title(i) for i in range(len(wb.tabs.children))}
+if "Head" not in titles:
+    workbench_tabs.add_all(wb)
+if "Circuit" not in titles:
+    wb.add_tab("Circuit", CircuitPanel(model, pairs))
+wb"""
+PAIRS = nnpatch.tasks.ioi(4, seed=1, template=0)
 SCREENSHOTS = ROOT / "out" / "screenshots"
-PAIR = nnpatch.tasks.ioi(4, seed=1, template=0)[0]  # the notebook's first example
+PAIR = PAIRS[0]  # the notebook's first example
 INSPECT = (0, PAIR.meta["s2"])  # the second mention of S, where clean and corrupt differ
 SELECT = [(1, PAIR.meta["s2"]), (3, PAIR.meta["end"])]
 WAIT_MS = 60_000  # every wait on the page is bounded by this
@@ -231,101 +248,342 @@ def assert_outcome_shown(page, panel, api, tokenizer, heatmap_value=None):
             assert_close(float(cells.nth(2 * run_i + 1).get_attribute("data-value")), top.values[rank])
 
 
-def test_workbench_in_jupyterlab(lab):
-    model = nnpatch.models.load("ioi")
+@pytest.fixture(scope="module")
+def wb_page(lab):
+    """The workbench notebook, run once for the module's tests."""
+    name = write_notebook(lab.root / "workbench.ipynb", WORKBENCH)
+    with lab.open(name) as page:
+        wait_for_widget(page)
+        yield page
+
+
+@pytest.fixture
+def page(wb_page, request):
+    """The workbench page; a screenshot of it when the test fails."""
+    failed = request.session.testsfailed
+    yield wb_page
+    if request.session.testsfailed > failed:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        wb_page.screenshot(path=str(SCREENSHOTS / f"failure-{request.node.name}.png"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nnpatch.models.load("ioi")
+
+
+def test_workbench_in_jupyterlab(page, model):
     options = dict(answer=PAIR.answer, wrong=PAIR.wrong, metric="logit_diff", site="resid_pre", by=("layer", "pos"))
     result = nnpatch.activation_patching(model, PAIR.clean, PAIR.corrupt, progress=False, **options)
     inspected = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, [INSPECT], **options)
     together = nnpatch.sweep.patch_cells(model, PAIR.clean, PAIR.corrupt, sorted(SELECT), **options)
 
-    shutil.copy(NOTEBOOK, lab.root / NOTEBOOK.name)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with lab.open(NOTEBOOK.name) as page:
-        try:
-            # Set-up: the first example is loaded, tokens previewed, pickers filled.
-            wait_for_widget(page)
-            page.wait_for_function("(a) => document.querySelector('.nnp-controls input.nnp-answer').value === a", arg=PAIR.answer)
-            assert page.input_value(".nnp-controls input.nnp-wrong") == PAIR.wrong
-            assert page.input_value(".nnp-controls textarea.nnp-clean") == PAIR.clean
-            clean_tokens = page.locator(".nnp-tokens tr[data-prompt=clean] td")
-            assert [clean_tokens.nth(i).inner_text() for i in range(clean_tokens.count())] == \
-                model.to_str_tokens(PAIR.clean)
-            assert page.locator(".nnp-tokens td.nnp-differ").count() == 2  # position s2, both rows
+    # Set-up: the first example is loaded, tokens previewed, pickers filled.
+    wait_for_widget(page)
+    page.wait_for_function("(a) => document.querySelector('.nnp-controls input.nnp-answer').value === a", arg=PAIR.answer)
+    assert page.input_value(".nnp-controls input.nnp-wrong") == PAIR.wrong
+    assert page.input_value(".nnp-controls textarea.nnp-clean") == PAIR.clean
+    clean_tokens = page.locator(".nnp-tokens tr[data-prompt=clean] td")
+    assert [clean_tokens.nth(i).inner_text() for i in range(clean_tokens.count())] == \
+        model.to_str_tokens(PAIR.clean)
+    assert page.locator(".nnp-tokens td.nnp-differ").count() == 2  # position s2, both rows
 
-            # Run: the heatmap and the scores are the API's.
-            page.click(".nnp-controls .nnp-run")
-            page.wait_for_selector(".nnpatch-workbench .js-plotly-plot .nsewdrag")
-            page.wait_for_selector(".nnp-summary .nnp-clean_score")
-            assert_close(shown(page, ".nnp-summary .nnp-clean_score"), result.clean_score)
-            assert_close(shown(page, ".nnp-summary .nnp-corrupt_score"), result.corrupt_score)
-            z = page.evaluate("() => document.querySelector('.nnpatch-workbench .js-plotly-plot').data[0].z")
-            assert torch.allclose(torch.tensor(z, dtype=torch.float32), result.values, atol=TOL)
-            # The Run button's bar was driven by the sweep to the end, and hides when it is done.
-            assert page.evaluate("() => document.querySelector('.nnp-progress').value") == 1
-            assert page.locator(".nnp-progress").is_hidden()
+    # Run: the heatmap and the scores are the API's.
+    page.click(".nnp-controls .nnp-run")
+    page.wait_for_selector(".nnpatch-workbench .js-plotly-plot .nsewdrag")
+    page.wait_for_selector(".nnp-summary .nnp-clean_score")
+    assert_close(shown(page, ".nnp-summary .nnp-clean_score"), result.clean_score)
+    assert_close(shown(page, ".nnp-summary .nnp-corrupt_score"), result.corrupt_score)
+    z = page.evaluate("() => document.querySelector('.nnpatch-workbench .js-plotly-plot').data[0].z")
+    assert torch.allclose(torch.tensor(z, dtype=torch.float32), result.values, atol=TOL)
+    # The Run button's bar was driven by the sweep to the end, and hides when it is done.
+    assert page.evaluate("() => document.querySelector('.nnp-progress').value") == 1
+    assert page.locator(".nnp-progress").is_hidden()
 
-            # Hover shows a cell's value; a click shows its detail: patch_cells of that cell alone.
-            x, y = page.evaluate(CELL_XY, list(INSPECT))
-            page.mouse.move(x, y)
-            hover = page.wait_for_selector(".nnpatch-workbench .hoverlayer .hovertext").text_content()
-            assert result.labels["pos"][INSPECT[1]] in hover
-            assert any(abs(float(x) - float(result.values[INSPECT])) < 1e-3 for x in re.findall(r"-?\d+\.\d+", hover))
-            click_cell(page, INSPECT)
-            page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
-            assert_outcome_shown(page, ".nnp-detail", inspected, model.tokenizer, heatmap_value=result.values[INSPECT])
+    # Hover shows a cell's value; a click shows its detail: patch_cells of that cell alone.
+    x, y = page.evaluate(CELL_XY, list(INSPECT))
+    page.mouse.move(x, y)
+    hover = page.wait_for_selector(".nnpatch-workbench .hoverlayer .hovertext").text_content()
+    assert result.labels["pos"][INSPECT[1]] in hover
+    assert any(abs(float(x) - float(result.values[INSPECT])) < 1e-3 for x in re.findall(r"-?\d+\.\d+", hover))
+    click_cell(page, INSPECT)
+    page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
+    assert_outcome_shown(page, ".nnp-detail", inspected, model.tokenizer, heatmap_value=result.values[INSPECT])
 
-            # Select two cells (select mode, then shift-click), patch them together.
-            page.click(".nnp-mode-select")
-            click_cell(page, SELECT[0])
-            page.wait_for_selector(".nnp-chip >> nth=0")
-            page.click(".nnp-mode-inspect")
-            click_cell(page, SELECT[1], shift=True)
-            page.wait_for_function("() => document.querySelectorAll('.nnp-chip').length === 2")
-            page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 3")  # 2 boxes, 1 outline
-            assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == cell_attr(INSPECT)
-            page.click(".nnp-patch")
-            page.wait_for_selector(".nnp-combined .nnp-normalized")
-            assert_outcome_shown(page, ".nnp-combined", together, model.tokenizer)
+    # Select two cells (select mode, then shift-click), patch them together.
+    page.click(".nnp-mode-select")
+    click_cell(page, SELECT[0])
+    page.wait_for_selector(".nnp-chip >> nth=0")
+    page.click(".nnp-mode-inspect")
+    click_cell(page, SELECT[1], shift=True)
+    page.wait_for_function("() => document.querySelectorAll('.nnp-chip').length === 2")
+    page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 3")  # 2 boxes, 1 outline
+    assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == cell_attr(INSPECT)
+    page.click(".nnp-patch")
+    page.wait_for_selector(".nnp-combined .nnp-normalized")
+    assert_outcome_shown(page, ".nnp-combined", together, model.tokenizer)
 
-            # Show code: running it reproduces the numbers on the page.
-            page.click(".nnp-show-code")
-            page.wait_for_selector(".nnp-code:not([hidden])")
-            namespace = {}
-            exec(compile(page.inner_text(".nnp-code"), "<shown code>", "exec"), namespace)  # noqa: S102
-            assert torch.allclose(namespace["result"].values, result.values, atol=TOL)
-            assert_close(namespace["cell"].score, shown(page, ".nnp-detail .nnp-normalized"))
-            assert_close(namespace["patched"].score, shown(page, ".nnp-combined .nnp-normalized"))
-            page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench.png"))
+    # Show code: running it reproduces the numbers on the page.
+    page.click(".nnp-show-code")
+    page.wait_for_selector(".nnp-code:not([hidden])")
+    namespace = {}
+    exec(compile(page.inner_text(".nnp-code"), "<shown code>", "exec"), namespace)  # noqa: S102
+    assert torch.allclose(namespace["result"].values, result.values, atol=TOL)
+    assert_close(namespace["cell"].score, shown(page, ".nnp-detail .nnp-normalized"))
+    assert_close(namespace["patched"].score, shown(page, ".nnp-combined .nnp-normalized"))
+    page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench.png"))
 
-            # Bad input: a message in the app, never a traceback, and the app keeps working.
-            page.fill(".nnp-controls textarea.nnp-corrupt", PAIR.corrupt + " Mary")
-            page.wait_for_selector(".nnp-warning:has-text('differ in length')")
-            assert page.locator(".nnp-tokens td.nnp-extra").count() == 1
-            page.locator(".nnp-controls").screenshot(path=str(SCREENSHOTS / "workbench-length-warning.png"))
-            page.click(".nnp-controls .nnp-run")
-            page.wait_for_selector(".nnp-controls .nnp-message:has-text('differ in length')")
-            page.fill(".nnp-controls textarea.nnp-clean", "")
-            page.click(".nnp-controls .nnp-run")
-            page.wait_for_selector(".nnp-controls .nnp-message:has-text('clean prompt is empty')")
-            second = nnpatch.tasks.ioi(4, seed=1, template=0)[1]
-            page.select_option(".nnp-controls select.nnp-pair", "1")  # the second example
-            page.wait_for_function("(c) => document.querySelector('.nnp-controls textarea.nnp-clean').value === c",
-                                   arg=second.clean)
-            page.fill(".nnp-controls input.nnp-answer", " Maryx")
-            page.click(".nnp-controls .nnp-run")
-            page.wait_for_selector(".nnp-controls .nnp-message:has-text(\"' Maryx' is not in the model's vocabulary\")")
-            page.fill(".nnp-controls input.nnp-answer", second.answer)
-            before = page.text_content(".nnp-summary")
-            page.click(".nnp-controls .nnp-run")
-            page.wait_for_function("(old) => document.querySelector('.nnp-summary').textContent !== old", arg=before)
-            assert page.locator(".nnp-controls .nnp-message").is_hidden()
-            assert page.locator(".nnp-inspector .nnp-chip").count() == 0  # a new run starts afresh
-            page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 0")
-            assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
-        except Exception:
-            page.screenshot(path=str(SCREENSHOTS / "workbench-failure.png"))
-            raise
+    # Bad input: a message in the app, never a traceback, and the app keeps working.
+    page.fill(".nnp-controls textarea.nnp-corrupt", PAIR.corrupt + " Mary")
+    page.wait_for_selector(".nnp-warning:has-text('differ in length')")
+    assert page.locator(".nnp-tokens td.nnp-extra").count() == 1
+    page.locator(".nnp-controls").screenshot(path=str(SCREENSHOTS / "workbench-length-warning.png"))
+    page.click(".nnp-controls .nnp-run")
+    page.wait_for_selector(".nnp-controls .nnp-message:has-text('differ in length')")
+    page.fill(".nnp-controls textarea.nnp-clean", "")
+    page.click(".nnp-controls .nnp-run")
+    page.wait_for_selector(".nnp-controls .nnp-message:has-text('clean prompt is empty')")
+    second = nnpatch.tasks.ioi(4, seed=1, template=0)[1]
+    page.select_option(".nnp-controls select.nnp-pair", "1")  # the second example
+    page.wait_for_function("(c) => document.querySelector('.nnp-controls textarea.nnp-clean').value === c",
+                           arg=second.clean)
+    page.fill(".nnp-controls input.nnp-answer", " Maryx")
+    page.click(".nnp-controls .nnp-run")
+    page.wait_for_selector(".nnp-controls .nnp-message:has-text(\"' Maryx' is not in the model's vocabulary\")")
+    page.fill(".nnp-controls input.nnp-answer", second.answer)
+    before = page.text_content(".nnp-summary")
+    page.click(".nnp-controls .nnp-run")
+    page.wait_for_function("(old) => document.querySelector('.nnp-summary').textContent !== old", arg=before)
+    assert page.locator(".nnp-controls .nnp-message").is_hidden()
+    assert page.locator(".nnp-inspector .nnp-chip").count() == 0  # a new run starts afresh
+    page.wait_for_function(f"() => document.querySelectorAll('{SHAPES}').length === 0")
+    assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
 
+
+# -- helpers for the tests below: each starts from a fresh run of a chosen example -----------------
+TAB_PANEL = ".nnpatch-workbench .widget-tab-contents > .lm-Widget:not(.lm-mod-hidden)"  # the tab on screen
+PATCHING_PLOTS = ".nnpatch-workbench .widget-tab-contents > :first-child .js-plotly-plot"  # heatmap, then per pair
+HEATMAP_BOX = ".nnpatch-workbench .nnp-patching > :first-child"
+INSPECTOR_BOX = ".nnpatch-workbench .nnp-patching > :nth-child(2)"
+MARY = ("When Mary and John went to the store, John gave a drink to",  # the README's prompts
+        "When Mary and John went to the store, Mary gave a drink to")
+
+
+def show_tab(page, title: str):
+    page.click(f".nnpatch-workbench .lm-TabBar-tab:has-text('{title}')")
+    page.wait_for_selector(f".nnpatch-workbench .lm-TabBar-tab.lm-mod-current:has-text('{title}')")
+
+
+def run_app(page, start=None):
+    """Run the app (click Run, or `start()`), and wait until the run is on screen."""
+    history = page.text_content("[data-testid=history-position]")
+    (start or (lambda: page.click("[data-testid=run]")))()
+    page.wait_for_function("(old) => document.querySelector('[data-testid=history-position]').textContent !== old"
+                           " && !document.querySelector('[data-testid=run]').disabled", arg=history)
+
+
+def fresh_run(page, pair: str = "0", granularity: str = "layer × pos"):
+    """Example `pair` ("-2": all pairs), cells by `granularity`, run, Patching tab on screen."""
+    show_tab(page, "Patching")
+    picker = "[data-testid=pair-picker]"
+    if page.input_value(picker) == pair:  # choosing it again would not reload its prompts
+        page.select_option(picker, "1" if pair == "0" else "0")
+    page.select_option(picker, pair)
+    if pair not in ("-1", "-2"):
+        page.wait_for_function("(c) => document.querySelector('[data-testid=clean-prompt]').value === c",
+                               arg=PAIRS[int(pair)].clean)
+    page.select_option("[data-testid=granularity]", label=granularity)
+    run_app(page)
+    assert page.locator("[data-testid=stale-banner]").is_hidden()
+    page.locator(".nnpatch-workbench").scroll_into_view_if_needed()
+
+
+def plot_data(page, root: str):
+    """The traces of the first plotly figure in `root` (a selector), once it has any."""
+    page.wait_for_function("(r) => { const p = document.querySelector(r + ' .js-plotly-plot');"
+                           " return p && p.data && p.data.length > 0; }", arg=root)
+    return page.evaluate("(r) => document.querySelector(r + ' .js-plotly-plot').data"
+                         ".map(t => ({z: t.z, text: t.text, type: t.type}))", root)
+
+
+def next_token_probs(model, prompt: str) -> torch.Tensor:
+    with model.trace() as tracer:
+        with tracer.invoke(prompt):
+            logits = model.lm_head.output[:, -1]
+    return torch.softmax(logits[0].detach().float(), -1)
+
+
+def token_id(model, token: str) -> int:
+    ids = model.tokenizer(token)["input_ids"]
+    assert len(ids) == 1, (token, ids)
+    return ids[0]
+
+
+def test_stale_answer_is_resuggested_and_warned(page, model):
+    """Issue 17's reproducer: example 4, then the README's Mary/John prompts typed in. The
+    example's answer and wrong token no longer occur: the app suggests the model's predictions,
+    and an answer the model does not predict is warned about with its probability."""
+    fresh_run(page, "3")
+    page.fill("[data-testid=clean-prompt]", MARY[0])
+    page.fill("[data-testid=corrupt-prompt]", MARY[1])
+    clean_p, corrupt_p = next_token_probs(model, MARY[0]), next_token_probs(model, MARY[1])
+    top = model.tokenizer.decode([int(clean_p.argmax())]), model.tokenizer.decode([int(corrupt_p.argmax())])
+    assert top == (" Mary", " John")  # what the bundled model predicts
+    page.wait_for_function("([a, w]) => document.querySelector('[data-testid=answer]').value === a"
+                           " && document.querySelector('[data-testid=wrong]').value === w", arg=list(top))
+    run_app(page)
+    assert_close(shown(page, ".nnp-p-answer-clean"), clean_p[token_id(model, top[0])], tol=1e-3)
+    assert_close(shown(page, ".nnp-p-wrong-corrupt"), corrupt_p[token_id(model, top[1])], tol=1e-3)
+    assert page.locator("[data-testid=answer-warning]").is_hidden()
+
+    # An answer the model does not predict (p = 0.000): a warning, and the p it runs with.
+    old = " drink"
+    page.fill("[data-testid=answer]", old)
+    p_old = float(clean_p[token_id(model, old)])
+    warning = page.locator("[data-testid=answer-warning]")
+    warning.wait_for()
+    assert f"the answer {old!r} is not among the clean run's top 8" in warning.inner_text()
+    assert f"(p = {p_old:.3f})" in warning.inner_text()
+    run_app(page)
+    assert_close(shown(page, ".nnp-p-answer-clean"), p_old, tol=1e-3)
+
+
+def test_edited_inputs_mark_the_heatmap_out_of_date(page):
+    """After a run, editing a prompt dims the heatmap, says "inputs changed: Run", and a click on
+    the out-of-date heatmap patches nothing; Run makes it current again."""
+    fresh_run(page, "0")
+    click_cell(page, INSPECT)
+    page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
+    page.fill("[data-testid=clean-prompt]", PAIR.clean.replace(" gave", " handed"))
+    page.wait_for_selector("[data-testid=stale-banner]:has-text('inputs changed: Run')")
+    page.wait_for_selector(f"{HEATMAP_BOX}.nnp-stale")
+    assert page.locator("[data-testid=inspector-stale-banner]").is_visible()
+    other = SELECT[1]
+    click_cell(page, other)
+    page.wait_for_selector("[data-testid=inspector-message]:has-text('inputs changed: Run first')")
+    assert page.locator(".nnp-detail .nnp-title").get_attribute("data-cell") == cell_attr(INSPECT)
+    assert page.locator(f".nnp-detail .nnp-title[data-cell='{cell_attr(other)}']").count() == 0
+    run_app(page)
+    page.wait_for_selector(f"{HEATMAP_BOX}:not(.nnp-stale)")
+    assert page.locator("[data-testid=stale-banner]").is_hidden()
+
+
+def test_run_keys_in_the_app_run_the_app_not_the_cell(page):
+    """Shift+Enter and Ctrl+Enter in the app's text fields run the app: the notebook cell is not
+    run again (its execution count and the widget on the page stay) and no newline is typed."""
+    fresh_run(page, "0")
+    prompt = page.locator(".jp-Cell .jp-InputPrompt").first.inner_text()
+    page.evaluate("() => { document.querySelector('.nnpatch-workbench').dataset.mark = 'first'; }")
+    page.click("[data-testid=clean-prompt]")
+    run_app(page, lambda: page.keyboard.press("Shift+Enter"))
+    page.click("[data-testid=answer]")
+    run_app(page, lambda: page.keyboard.press("Control+Enter"))
+    assert page.input_value("[data-testid=clean-prompt]") == PAIR.clean  # no newline typed
+    assert page.locator(".jp-Cell .jp-InputPrompt").first.inner_text() == prompt
+    assert page.locator(".nnpatch-workbench").count() == 1
+    assert page.get_attribute(".nnpatch-workbench", "data-mark") == "first"  # the same widget, not a new one
+
+
+def test_all_pairs_mean_view(page, model):
+    """ "all pairs (mean)" shows activation_patching over the notebook's pairs, the spread on
+    hover, and one small heatmap per pair, each that pair's own sweep."""
+    fresh_run(page, "-2")
+    options = dict(site="resid_pre", by=("layer", "pos"), progress=False)
+    result = nnpatch.activation_patching(model, PAIRS, **options)
+    assert "× 4 pairs" in page.text_content("[data-testid=summary]")
+    z = page.evaluate("() => document.querySelector('.nnpatch-workbench .js-plotly-plot').data[0].z")
+    assert torch.allclose(torch.tensor(z, dtype=torch.float32), result.values, atol=TOL)
+    page.mouse.move(*page.evaluate(CELL_XY, list(INSPECT)))
+    assert "4 pairs: min" in page.wait_for_selector(".nnpatch-workbench .hoverlayer .hovertext").text_content()
+    page.click("[data-testid=per-pair]")
+    page.wait_for_function("(s) => { const p = document.querySelectorAll(s);"
+                           " return p.length === 2 && p[1].data && p[1].data.length >= 4; }", arg=PATCHING_PLOTS)
+    small = page.evaluate("(s) => document.querySelectorAll(s)[1].data.filter(t => t.type === 'heatmap').map(t => t.z)",
+                          PATCHING_PLOTS)
+    assert len(small) == len(PAIRS)
+    for z, pair in zip(small, PAIRS):
+        one = nnpatch.activation_patching(model, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong, **options)
+        assert torch.allclose(torch.tensor(z, dtype=torch.float32), one.values, atol=TOL)
+    page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench-mean.png"))
+    page.click("[data-testid=hide-extra]")
+
+
+def test_head_tab_shows_the_clicked_heads_attention(page, model):
+    """Cells by layer × head: a click on a head, then the Head tab shows that head's attention
+    pattern on the clean and the corrupt prompt and its direct logit attribution."""
+    fresh_run(page, "0", granularity="layer × head")
+    layer, head = 1, 2
+    click_cell(page, (layer, head))
+    page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr((layer, head))}']")
+    show_tab(page, "Head")
+    note = page.locator(TAB_PANEL).locator(".widget-html-content").first
+    note.wait_for()
+    page.wait_for_function("(r) => document.querySelector(r).textContent.includes('Head L1H2')", arg=TAB_PANEL)
+    traces = plot_data(page, TAB_PANEL)
+    for trace, prompt in zip(traces[:2], (PAIR.clean, PAIR.corrupt)):
+        want = nnpatch.attention_pattern(model, prompt, layer, head).weights
+        got = torch.tensor([[0.0 if v is None else v for v in row] for row in trace["z"]])
+        assert got.shape == want.shape and torch.allclose(got, want.tril(), atol=TOL)
+        assert all(v is None for i, row in enumerate(trace["z"]) for v in row[i + 1:])  # above the diagonal: blank
+    dla = [nnpatch.head_logit_attribution(model, p, PAIR.answer, PAIR.wrong)[layer, head] for p in (PAIR.clean, PAIR.corrupt)]
+    shown_dla = [float(x) for x in re.findall(r"([+-]\d+\.\d+) on the (?:clean|corrupt) run", note.inner_text())]
+    assert len(shown_dla) == 2 and all(abs(a - float(b)) <= 6e-4 for a, b in zip(shown_dla, dla)), (note.inner_text(), dla)
+    page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench-head.png"))
+
+
+def test_logit_lens_tab(page, model):
+    """The Logit lens tab: top token and p(answer) per layer and position for the clean run, the
+    corrupt run and the run the inspected cell patched, each the public logit_lens's."""
+    fresh_run(page, "0")
+    click_cell(page, INSPECT)
+    page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
+    show_tab(page, "Logit lens")
+    page.wait_for_function("(r) => { const p = document.querySelector(r + ' .js-plotly-plot');"
+                           " return p && p.data && p.data.length === 3; }", arg=TAB_PANEL)
+    traces = plot_data(page, TAB_PANEL)
+    patch = dict(source=PAIR.clean, site="resid_pre", cell=INSPECT, by=("layer", "pos"))
+    lenses = [nnpatch.logit_lens(model, PAIR.clean, PAIR.answer), nnpatch.logit_lens(model, PAIR.corrupt, PAIR.answer),
+              nnpatch.logit_lens(model, PAIR.corrupt, PAIR.answer, patch=patch)]
+    for trace, lens in zip(traces, lenses):
+        assert trace["text"] == [[repr(t)[1:-1] for t in row] for row in lens.top_tokens]
+        assert torch.allclose(torch.tensor(trace["z"], dtype=torch.float32), lens.answer_probs, atol=TOL)
+    page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / "workbench-logit-lens.png"))
+
+
+BOXES = """() => {
+  const rect = (s) => { const r = document.querySelector(s).getBoundingClientRect();
+                        return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width}; };
+  const app = document.querySelector(".nnpatch-workbench"), plot = document.querySelector(".nnpatch-workbench .js-plotly-plot");
+  return {app: rect(".nnpatch-workbench"), appOverflow: app.scrollWidth - app.clientWidth,
+          output: rect(".jp-OutputArea-output:has(.nnpatch-workbench)"), heatmapBox: rect("%s"),
+          plot: plot.querySelector(".main-svg").getBoundingClientRect().toJSON(), inspector: rect("%s"), plotWidth: plot._fullLayout.width};
+}""" % (HEATMAP_BOX, INSPECTOR_BOX)
+
+
+@pytest.mark.parametrize("width, height, beside", [(1280, 800, True), (800, 900, False)])
+def test_layout(page, width, height, beside):
+    """At 1280 x 800 the inspector sits beside the heatmap, at 800 x 900 below it; the app never
+    overflows sideways and the heatmap stays inside its box."""
+    fresh_run(page, "0")
+    click_cell(page, INSPECT)
+    page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
+    try:
+        page.set_viewport_size({"width": width, "height": height})
+        # The figure's width is measured in the page and set from Python: wait for it to settle.
+        page.wait_for_function(f"() => {{ const b = ({BOXES})(); return b.output.right <= window.innerWidth"
+                               " && Math.abs(b.plotWidth - b.heatmapBox.width) <= 2; }")
+        b = page.evaluate(BOXES)
+        assert b["appOverflow"] <= 1 and b["app"]["right"] <= b["output"]["right"] + 1, b
+        assert b["heatmapBox"]["left"] - 1 <= b["plot"]["left"] and b["plot"]["right"] <= b["heatmapBox"]["right"] + 1, b
+        if beside:
+            assert b["inspector"]["left"] >= b["heatmapBox"]["right"] - 1 and b["inspector"]["top"] < b["heatmapBox"]["bottom"], b
+        else:
+            assert b["inspector"]["top"] >= b["heatmapBox"]["bottom"] - 1, b
+        page.locator(".nnpatch-workbench").scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / f"workbench-{width}.png"))
+    finally:
+        page.set_viewport_size({"width": 1300, "height": 2200})
 
 SAVED_SWEEP = (
     "%load_ext nnpatch\nimport nnpatch\n\nmodel = nnpatch.models.load('ioi')\npairs = nnpatch.tasks.ioi(4, template=0)",
