@@ -4,17 +4,19 @@ It runs EAP on the bundled ioi model, drags the threshold slider, clicks an edge
 shows the code, and checks that every number on the page equals what nnpatch's public API computes
 in this process: `edge_attribution`, `Circuit.threshold`, `evaluate_circuit` and `path_patching`.
 The panel is checked on its own (`CircuitPanel(model, pairs)` in a cell) and as the workbench's
-Circuit tab. Server, browser and helpers are tests/test_workbench_browser.py's.
+Circuit tab (one notebook, one kernel). Server, browser and helpers are tests/test_workbench_browser.py's.
 """
 import re
 
 import pytest
 
 import nnpatch
-from test_workbench_browser import SCREENSHOTS, lab, write_notebook  # noqa: F401 - lab is a fixture
+from test_workbench_browser import PAIRS as WORKBENCH_PAIRS
+from test_workbench_browser import SCREENSHOTS, TAB_PANEL, WORKBENCH, lab, show_tab, write_notebook  # noqa: F401
 
 PAIRS = nnpatch.tasks.ioi(4, template=0)
-SETUP = "import nnpatch\nmodel = nnpatch.models.load('ioi')\npairs = nnpatch.tasks.ioi(4, template=0)\n"
+PANEL = ("import nnpatch\nfrom nnpatch.jupyter.circuit_panel import CircuitPanel\n\n"
+         "CircuitPanel(nnpatch.models.load('ioi'), nnpatch.tasks.ioi(4, template=0))")
 FIRST_EDGES = 30  # the panel's first threshold keeps this many edges
 
 # The edges trace of the circuit graph: its midpoints' edge names and page coordinates.
@@ -29,9 +31,30 @@ EDGE_POINTS = """(root) => {
 
 
 @pytest.fixture(scope="module")
-def ioi():
-    model = nnpatch.models.load("ioi")
-    return model, {m: nnpatch.edge_attribution(model, PAIRS, method=m) for m in ("eap", "eap-ig")}
+def model():
+    return nnpatch.models.load("ioi")
+
+
+@pytest.fixture(scope="module")
+def circuit_page(lab):
+    """A notebook showing the panel on its own (cell 1) and a workbench with a Circuit tab (cell 2)."""
+    name = write_notebook(lab.root / "circuit.ipynb", PANEL, WORKBENCH)
+    with lab.open(name) as page:
+        page.wait_for_selector(".nnpatch-workbench .lm-TabBar-tab:has-text('Circuit')", timeout=120_000)
+        yield page
+
+
+@pytest.fixture
+def page(circuit_page, request):
+    failed = request.session.testsfailed
+    yield circuit_page
+    if request.session.testsfailed > failed:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        circuit_page.screenshot(path=str(SCREENSHOTS / f"failure-{request.node.name}.png"), full_page=True)
+
+
+def api_scores(model, pairs):
+    return {m: nnpatch.edge_attribution(model, pairs, method=m) for m in ("eap", "eap-ig")}
 
 
 def summary_numbers(text: str) -> tuple[int, int, float, float]:
@@ -58,10 +81,10 @@ def threshold_in_code(page, root) -> float:
     return float(re.search(r"scores\.threshold\(([^)]+)\)", code)[1])
 
 
-def assert_circuit_shown(page, root, model, scores, threshold):
+def assert_circuit_shown(page, root, model, pairs, scores, threshold):
     """The summary and the graph are the circuit of |score| >= threshold and its faithfulness."""
     circuit = scores.threshold(threshold)
-    faith = nnpatch.evaluate_circuit(model, PAIRS, circuit=circuit)
+    faith = nnpatch.evaluate_circuit(model, pairs, circuit=circuit)
     n_edges, n_nodes, fraction, normalized = summary_numbers(root.locator(".widget-html-content", has_text="edges").inner_text())
     assert (n_edges, n_nodes) == (len(circuit), len(circuit.nodes))
     wait_for_graph(page, root, n_edges)
@@ -72,6 +95,7 @@ def assert_circuit_shown(page, root, model, scores, threshold):
 def drag_threshold(page, root, fraction: float):
     """Drag the threshold slider's handle to `fraction` of its track, as a user would."""
     slider = root.locator(".widget-hslider", has=page.locator("label", has_text="|score|"))
+    slider.scroll_into_view_if_needed()
     handle, track = slider.locator(".noUi-handle").bounding_box(), slider.locator(".noUi-base").bounding_box()
     y = handle["y"] + handle["height"] / 2
     page.mouse.move(handle["x"] + handle["width"] / 2, y)
@@ -87,13 +111,14 @@ def lonely_edge(points) -> tuple[str, float, float]:
     return max(points, key=gap)
 
 
-def check_panel(page, root, model, scores):
+def check_panel(page, root, model, pairs, screenshot=None):
     """Run EAP, drag the threshold, click an edge, show the code; every number is the API's."""
+    scores = api_scores(model, pairs)
     summary = root.locator(".widget-html-content", has_text="edges")
     root.locator(".widget-button", has_text="Run").click()
     summary.wait_for()
     ranked = scores["eap"].scores.abs().sort(descending=True).values
-    assert_circuit_shown(page, root, model, scores["eap"], float(ranked[FIRST_EDGES - 1]))
+    assert_circuit_shown(page, root, model, pairs, scores["eap"], float(ranked[FIRST_EDGES - 1]))
     root.locator(".widget-toggle-button", has_text="Show code").click()
     code = root.locator(".widget-textarea textarea")
     code.wait_for()
@@ -108,9 +133,10 @@ def check_panel(page, root, model, scores):
                            arg=[root.element_handle(), f"threshold({float(ranked[FIRST_EDGES - 1])!r})"])
     threshold = threshold_in_code(page, root)
     assert 0.05 * float(ranked[0]) < threshold < 0.15 * float(ranked[0])  # the slider spans 0 .. the top score
-    assert_circuit_shown(page, root, model, scores["eap"], threshold)
+    assert_circuit_shown(page, root, model, pairs, scores["eap"], threshold)
 
     # Click an edge: its score, and the metric's change when that edge alone is patched.
+    root.locator(".js-plotly-plot").scroll_into_view_if_needed()
     edge, x, y = lonely_edge(root.evaluate(EDGE_POINTS))
     page.mouse.move(x, y)
     page.wait_for_selector(f".hoverlayer .hovertext:has-text('{edge}')")
@@ -120,11 +146,12 @@ def check_panel(page, root, model, scores):
     m = re.fullmatch(r"(\S+): score (\S+); patched alone, the metric changes by (\S+)", info.inner_text())
     assert m and m[1] == edge, info.inner_text()
     sender, receiver = edge.split("->")
-    alone = float(nnpatch.path_patching(model, PAIRS, senders=[sender], receivers=[receiver]).change[0])
+    alone = float(nnpatch.path_patching(model, pairs, senders=[sender], receivers=[receiver]).change[0])
     score = float(scores["eap"].scores[scores["eap"].edges.index(edge)])
     assert abs(float(m[2]) - score) <= 6e-4 * max(1.0, abs(score))
     assert abs(float(m[3]) - alone) <= 6e-4 * max(1.0, abs(alone))
-    page.screenshot(path=str(SCREENSHOTS / "circuit-tab.png"), clip=root.bounding_box())
+    if screenshot:
+        root.screenshot(path=str(SCREENSHOTS / screenshot))
     assert root.locator(".widget-dropdown", has=page.locator("label", has_text="edge")).locator("select").input_value() == edge
     page.wait_for_function("([r, s]) => r.querySelector('.widget-textarea textarea').value.includes(s)",
                            arg=[root.element_handle(), f"senders=[{sender!r}], receivers=[{receiver!r}]"])
@@ -143,20 +170,18 @@ def check_panel(page, root, model, scores):
     page.wait_for_function("(r) => r.querySelector('.widget-textarea textarea').value.includes(\"method='eap-ig', steps=5\")",
                            arg=root.element_handle())
     ranked = scores["eap-ig"].scores.abs().sort(descending=True).values
-    assert_circuit_shown(page, root, model, scores["eap-ig"], float(ranked[FIRST_EDGES - 1]))
+    assert_circuit_shown(page, root, model, pairs, scores["eap-ig"], float(ranked[FIRST_EDGES - 1]))
     assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
 
 
-def test_circuit_panel_alone(lab, ioi):
-    model, scores = ioi
-    name = write_notebook(lab.root / "circuit.ipynb", SETUP + "from nnpatch.jupyter.circuit_panel import CircuitPanel\n"
-                          "CircuitPanel(model, pairs)")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with lab.open(name) as page:
-        try:
-            root = page.locator(".jp-OutputArea-output", has=page.locator(".widget-button", has_text="Run"))
-            root.wait_for(timeout=120_000)
-            check_panel(page, root, model, scores)
-        except Exception:
-            page.screenshot(path=str(SCREENSHOTS / "circuit-failure.png"))
-            raise
+def test_circuit_panel_alone(page, model):
+    root = page.locator(".jp-Cell").nth(0).locator(".jp-OutputArea-output")
+    root.locator(".widget-button", has_text="Run").wait_for()
+    check_panel(page, root, model, PAIRS)
+
+
+def test_circuit_tab_of_the_workbench(page, model):
+    """The same panel as the workbench's Circuit tab, on the workbench's pairs."""
+    show_tab(page, "Circuit")
+    root = page.locator(".jp-Cell").nth(1).locator(TAB_PANEL)
+    check_panel(page, root, model, WORKBENCH_PAIRS, screenshot="circuit-tab.png")
