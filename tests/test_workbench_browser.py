@@ -580,8 +580,7 @@ def test_layout(page, width, height, beside):
             assert b["inspector"]["left"] >= b["heatmapBox"]["right"] - 1 and b["inspector"]["top"] < b["heatmapBox"]["bottom"], b
         else:
             assert b["inspector"]["top"] >= b["heatmapBox"]["bottom"] - 1, b
-        page.locator(".nnpatch-workbench").scroll_into_view_if_needed()
-        page.screenshot(path=str(SCREENSHOTS / f"workbench-{width}.png"))
+        page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / f"workbench-{width}.png"))
     finally:
         page.set_viewport_size({"width": 1300, "height": 2200})
 
