@@ -192,8 +192,8 @@ class HeadPanel(_Panel):
 
     def ran(self) -> None:
         self.view = None
-        _show(self.patterns, go.Figure())
-        _show(self.dla, go.Figure())
+        _clear(self.patterns)
+        _clear(self.dla)
         self.note.value = "Inspect a cell of a layer × head heatmap to see that head here."
 
     def inspected(self, cell, settings) -> None:
@@ -282,7 +282,7 @@ class NoisePanel(_Panel):
                 + (", ".join(f"{tokens[p]!r} {p}" for p in differ) or "none: type positions")
                 + "). Run noise to compare.")
             self.view = None
-            _show(self.figure, go.Figure())
+            _clear(self.figure)
         self.update(work)
 
     def run(self) -> None:
@@ -338,6 +338,11 @@ def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
     widget.data = []
     widget.add_traces(fig.data)
     widget.layout = fig.layout
+
+
+def _clear(widget: go.FigureWidget) -> None:
+    if widget.data:  # an empty widget stays as it is (a new layout costs tens of ms)
+        _show(widget, go.Figure())
 
 
 def _positions(text: str) -> list[int]:
