@@ -10,7 +10,7 @@ Examples:
 """
 from __future__ import annotations
 
-from .bundled import available, path
+from .bundled import available, path, quiet_loading
 from .engine import LanguageModel
 
 __all__ = ["available", "path", "load"]
@@ -27,13 +27,6 @@ def load(name: str, **from_pretrained_kwargs) -> LanguageModel:
         >>> model.tokenizer.decode(model.to_tokens(" Mary"))
         ' Mary'
     """
-    from transformers.utils import logging
-
     folder = str(path(name))
-    was_on = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # a few MB load at once; a bar would only be noise
-    try:
+    with quiet_loading():  # no "Loading weights" bar
         return LanguageModel(folder, **from_pretrained_kwargs)
-    finally:
-        if was_on:
-            logging.enable_progress_bar()

@@ -142,7 +142,7 @@ def test_trace_error_shows_the_cell_line_and_no_engine_frames(shell, hf):
     assert isinstance(result.error_in_exec, AttributeError)
     text = out.stdout
     assert re.search(r"Cell In\[\d+\], line 3", text)
-    assert "----> 3     x = h.no_such_attribute" in text
+    assert "----> 3 x = h.no_such_attribute" in text and "      1 %%trace model p" in text
     assert PACKAGE not in text and "greenlet" not in text
     assert all_hooks(hf) == 0
 
@@ -152,7 +152,7 @@ def test_engine_error_inside_a_cell_points_at_the_cell(shell, hf):
                              "late = model.transformer.h[2].output\n"
                              "early = model.transformer.h[0].output\n")
     assert isinstance(result.error_in_exec, nnpatch.NNPatchError)
-    assert "----> 3     early = model.transformer.h[0].output" in out.stdout
+    assert "----> 3 early = model.transformer.h[0].output" in out.stdout
     assert "read after" in out.stdout and PACKAGE not in out.stdout
     assert all_hooks(hf) == 0
 
@@ -227,6 +227,41 @@ def test_patch_cell_error_leaves_no_hooks_and_no_names(shell, hf):
     assert all_hooks(hf) == 0
     assert shell.user_ns["clean"] == "kept"
     assert not [k for k in shell.user_ns if k.startswith("__nnpatch")]
+
+
+def test_patch_of_the_wrong_shape_names_the_module_path_and_both_shapes(shell, hf):
+    n = shell.execution_count
+    result, out = run(shell, "%%patch model --clean p --corrupt q\n"
+                             "x = 1\n"
+                             "model.transformer.h[1].output[:, -1] = clean.transformer.h[1].output[:, -1, :3]\n"
+                             "y = 2\n")
+    e = result.error_in_exec
+    assert isinstance(e, nnpatch.NNPatchError) and isinstance(e, ValueError)
+    assert str(e) == ("cannot set transformer.h.1.output[:, -1]: it has shape (1, 32), the new value has shape "
+                      "(3,); give a tensor of shape (1, 32) (or one that broadcasts to it)")
+    text = out.stdout
+    assert f"Cell In[{n}], line 3" in text  # the cell's In[n] and its own line number
+    assert "      1 %%patch model --clean p --corrupt q\n      2 x = 1\n----> 3 model.transformer.h[1]" in text
+    assert "      4 y = 2" in text
+    for generated in ("__nnpatch", "tracer.invoke", "run_cell_magic", "interactiveshell", PACKAGE, "<%%patch"):
+        assert generated not in text, generated
+    assert all_hooks(hf) == 0
+    # A whole-value write says the same, from the engine
+    result, out = run(shell, "%%patch model --clean p --corrupt q\n"
+                             "model.transformer.h[1].output = clean.transformer.h[1].output[:, :2]\n")
+    assert "cannot set transformer.h.1.output: it has shape (1, 4, 32) in this invoke, the new value has shape " \
+           "(1, 2, 32)" in str(result.error_in_exec)
+    assert "----> 2 model.transformer.h[1].output = " in out.stdout and "__nnpatch" not in out.stdout
+
+
+def test_other_shape_errors_in_a_cell_stay_as_pytorch_raised_them(shell, hf):
+    shell.user_ns["torch"] = torch
+    result, out = run(shell, "%%patch model --clean p --corrupt q\n"
+                             "h = model.transformer.h[1].output\n"
+                             "mixed = torch.zeros(3) + torch.zeros(4)\n")
+    assert type(result.error_in_exec) is RuntimeError
+    assert "----> 3 mixed = torch.zeros(3) + torch.zeros(4)" in out.stdout
+    assert all_hooks(hf) == 0
 
 
 # -- %patch_sweep -------------------------------------------------------------------------------

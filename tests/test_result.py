@@ -62,13 +62,13 @@ def test_heatmap_is_a_centred_diverging_figure(monkeypatch):
     assert isinstance(fig, go.Figure)
     (trace,) = fig.data
     assert trace.type == "heatmap"
-    assert trace.zmin == -trace.zmax == -float(r.values.abs().max())
+    limit = max(1.0, float(r.values.abs().max()))  # logit_diff is stored as the fraction restored
+    assert trace.zmin == -trace.zmax == -limit and trace.zmid == 0
     assert trace.colorscale[0][1] != trace.colorscale[-1][1]  # a real two-sided scale
     assert [c[1] for c in trace.colorscale] == [c[1] for c in go.Heatmap(colorscale="RdBu").colorscale]
-    assert list(fig.layout.xaxis.ticktext) == ["When", " Mary", " Mary/John", "\\n"]
+    assert list(fig.layout.xaxis.ticktext) == ["'When' 0", "' Mary' 1", "' Mary/John' 2", "'\\n' 3"]
     assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "L2"]
-    assert "value %{z" in trace.hovertemplate
-    assert "transformer.h.1.input" in trace.customdata[1][2] and "Mary/John" in trace.customdata[1][2]
+    assert "transformer.h.1.input" in trace.text[1][2] and "Mary/John" in trace.text[1][2]
     assert torch.allclose(torch.tensor(trace.z), r.values)
 
 
@@ -85,14 +85,15 @@ def test_compare_shares_one_scale_and_scatter_pairs_cells():
     a, b = grid(seed=1, method="attribution"), grid(seed=2)
     fig = heatmap.compare([a, b], titles=["attribution", "activation"])
     assert len(fig.data) == 2 and {t.coloraxis for t in fig.data} == {"coloraxis"}
-    limit = max(float(a.values.abs().max()), float(b.values.abs().max()))
+    limit = max(1.0, float(a.values.abs().max()), float(b.values.abs().max()))
     assert fig.layout.coloraxis.cmin == -limit and fig.layout.coloraxis.cmax == limit
+    assert fig.layout.coloraxis.colorbar.title.text == "fraction of clean restored (logit_diff)"
     assert [x.text for x in fig.layout.annotations] == ["attribution", "activation"]
 
     fig = heatmap.scatter(a, b)
     points = fig.data[1]
     assert list(points.x) == b.values.flatten().tolist() and list(points.y) == a.values.flatten().tolist()
-    assert points.text[5] == "layer 1, pos ' Mary'"
+    assert points.text[5].startswith("layer 1, pos ' Mary'<br>activation ")
     with pytest.raises(nnpatch.NNPatchError, match="same cells"):
         heatmap.scatter(a, grid(shape=(2, 4)))
 

@@ -20,7 +20,9 @@ Examples:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import warnings
 from pathlib import Path
 
 from ..errors import NNPatchValueError
@@ -59,3 +61,32 @@ def path(name: str) -> Path:
             f"no bundled model named {name!r}; {hint}the bundled models are {names} "
             "(for other models give nnpatch.LanguageModel a local folder or a loaded module)")
     return _ROOT / name
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No transformers "Loading weights" bar while a bundled model loads (a few MB, at once: a
+    bar is only noise, and in a notebook a widget that a saved notebook cannot show); the caller's
+    setting is put back afterwards.
+
+    Examples:
+        >>> import nnpatch
+        >>> from transformers import AutoModelForCausalLM
+        >>> from nnpatch.bundled import quiet_loading
+        >>> with quiet_loading():
+        ...     net = AutoModelForCausalLM.from_pretrained(nnpatch.models.path("ioi"))
+    """
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging
+
+    was_on, hub_off = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    logging.disable_progress_bar()  # transformers' bars and the hub's
+    try:
+        yield
+    finally:
+        if was_on:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # HF_HUB_DISABLE_PROGRESS_BARS keeps the hub's off
+                logging.enable_progress_bar()
+        if hub_off:
+            hub.disable_progress_bars()

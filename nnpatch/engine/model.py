@@ -329,14 +329,17 @@ def _tokenizer_beside(module):
 
 
 def _load(name: str, tokenizer, kwargs):
+    import contextlib
     import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet = contextlib.nullcontext()
     if not os.path.exists(name):
         if name in bundled.available():
-            name = str(bundled.path(name))
+            name, quiet = str(bundled.path(name)), bundled.quiet_loading()  # no "Loading weights" bar
     try:
-        module = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with quiet:
+            module = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:

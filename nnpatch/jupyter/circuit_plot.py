@@ -11,8 +11,8 @@ Both take computed results and return a `plotly.graph_objects.Figure`; nothing h
     >>> pp = nnpatch.path_patching(model, pairs, receivers="logits")
     >>> fig = circuit_plot.heads(pp)
 
-Figures carry no cloud button (`layout.modebar.remove`); show them with `fig.show(config=CONFIG)`
-to drop plotly's logo as well (the circuit panel does).
+Both return nnpatch `Figure`s (`figures.py`): no plotly logo or cloud button, the container's
+width, and `theme="auto" | "light" | "dark"`.
 """
 from __future__ import annotations
 
@@ -21,18 +21,19 @@ from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
+from ..errors import NNPatchValueError
 from ..patching.circuit import node_position
+from .figures import CONFIG, Figure, finish  # noqa: F401 - CONFIG: the circuit panel's widget config
 
 if TYPE_CHECKING:
     from ..patching.circuit import Circuit
     from ..patching.path_patching import PathPatchingResult
 
-CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False}
-_NO_CLOUD = ["sendDataToCloud", "editInChartStudio"]
 _QKV_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
 
 
-def graph(circuit: Circuit, *, title: str | None = None, height: int | None = None) -> go.Figure:
+def graph(circuit: Circuit, *, title: str | None = None, height: int | None = None,
+          theme: str | go.layout.Template | None = None) -> Figure:
     """The kept edges of `circuit`: layers top to bottom (input first, logits last), heads left to
     right and the MLP at the right; an edge's width grows with |score|, red lowers the metric when
     patched (the edge supports the behaviour), blue raises it. A head's query, key and value inputs
@@ -83,30 +84,51 @@ def graph(circuit: Circuit, *, title: str | None = None, height: int | None = No
                 "color": [weight.get(n, 0.0) for n in nodes], "colorscale": "Greys", "line": {"width": 1}}))
     fig.update_layout(
         title=title or f"circuit: {len(circuit)} edges, {len(nodes)} nodes ({circuit.method or 'scores'}, {circuit.metric})",
-        height=height or 140 + 90 * (n_layers + 2), plot_bgcolor="white", modebar={"remove": _NO_CLOUD},
+        height=height or 140 + 90 * (n_layers + 2),
         xaxis={"tickvals": list(range(n_heads)) + [n_heads], "ticktext": [f"h{h}" for h in range(n_heads)] + ["MLP"],
                "showgrid": False, "zeroline": False},
         yaxis={"autorange": "reversed", "tickvals": list(range(-1, n_layers + 1)),
                "ticktext": ["input"] + [f"layer {i}" for i in range(n_layers)] + ["logits"],
                "showgrid": False, "zeroline": False})
-    return fig
+    return finish(fig, theme)
 
 
-def heads(result: PathPatchingResult, *, values: str = "change", title: str | None = None) -> go.Figure:
-    """Path patching per sender head as a layer x head heatmap: `values` "change" (metric minus the
-    clean metric) or "normalized" (corrupt 0, clean 1); cells of heads that feed no receiver are blank."""
-    grid = result.heads(getattr(result, values))  # [layer, head]
-    finite = [abs(v) for v in grid.flatten().tolist() if not math.isnan(v)]
-    limit = max(finite, default=1.0) or 1.0
-    z = [[None if math.isnan(v) else v for v in row] for row in grid.tolist()]
-    centre = 1.0 if values == "normalized" else 0.0
+def heads(result: PathPatchingResult, *, values: str = "normalized", title: str | None = None,
+          theme: str | go.layout.Template | None = None) -> Figure:
+    """Path patching per sender head as a layer x head heatmap, on one diverging scale centred at 0:
+    `values` "normalized" (the fraction of clean kept, (score - corrupt) / (clean - corrupt):
+    1 leaves the clean run, 0 is fully corrupt) or "change" (score minus the clean score, raw
+    units). Hovering shows both and the raw score; heads that feed no receiver are blank. When
+    clean and corrupt score the same the fraction is undefined and "change" is drawn instead."""
+    if values not in ("normalized", "change"):
+        raise NNPatchValueError(f'values={values!r}: use "normalized" or "change"')
+    span = result.clean_score - result.corrupt_score
+    defined = abs(span) > 1e-6 * max(1.0, abs(result.clean_score), abs(result.corrupt_score))
+    shown = values if defined else "change"
+    z = _cells(result.heads(result.normalized if shown == "normalized" else result.change))
+    kept, change, score = (_cells(result.heads(v)) for v in (
+        result.normalized if defined else result.change * math.nan, result.change, result.scores))
+    limit = max([abs(v) for row in z for v in row if v is not None], default=0.0)
+    limit = max(1.0, limit) if shown == "normalized" else (limit or 1.0)
+    hover = [[f"layer {i} h{h}<br>fraction of clean kept {_number(kept[i][h])}<br>change {_number(change[i][h])}"
+              f"<br>{result.metric} {_number(score[i][h])}" for h in range(result.n_heads)]
+             for i in range(result.n_layers)]
+    label = f"fraction of clean kept ({result.metric})" if shown == "normalized" else f"change in {result.metric}"
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"h{h}" for h in range(result.n_heads)], y=[f"layer {i}" for i in range(result.n_layers)],
-        colorscale="RdBu", zmid=centre, zmin=centre - limit if values == "change" else None,
-        zmax=centre + limit if values == "change" else None,
-        hovertemplate="%{y} %{x}: %{z:.4g}<extra></extra>"))
+        colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit, colorbar={"title": {"text": label, "side": "right"}},
+        text=hover, hovertemplate="%{text}<extra></extra>"))
     receivers = ", ".join(result.receivers[:6]) + (" ..." if len(result.receivers) > 6 else "")
-    fig.update_layout(title=title or f"path patching -> {receivers} ({result.metric}, {values})",
-                      yaxis={"autorange": "reversed"}, modebar={"remove": _NO_CLOUD},
-                      height=120 + 40 * result.n_layers)
-    return fig
+    note = "" if defined else (f"<br><sub>clean and corrupt both score {result.clean_score:.4g}: the fraction is "
+                               "undefined, colours show the change</sub>")
+    fig.update_layout(title=title or f"path patching -> {receivers} ({result.metric}, {shown}){note}",
+                      yaxis={"autorange": "reversed"}, height=120 + 40 * result.n_layers)
+    return finish(fig, theme)
+
+
+def _cells(grid) -> list[list[float | None]]:
+    return [[v if math.isfinite(v) else None for v in row] for row in grid.tolist()]
+
+
+def _number(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.4g}"

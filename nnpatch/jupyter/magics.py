@@ -39,11 +39,12 @@ from IPython.display import display
 
 from ..engine import Model, compile_source
 from ..engine.inputs import token_ids
-from ..engine.tracebacks import cell_frames, install
+from ..engine.tracebacks import install
 from ..errors import NNPatchError
 from ..patching import activation_patching, attribution_patching
 from ..patching.metrics import METRICS, REGISTRY, effect, score
 from ..patching.pairs import as_list, from_task_pairs
+from .cell_errors import Cell
 from .magic_line import PATCH, SWEEP, TRACE, body, indent, one_line, parse
 
 
@@ -96,9 +97,9 @@ class PatchingMagics(Magics):
         else:
             opened = f"{args.model}.generate({''.join(a + ', ' for a in args.inputs)}max_new_tokens={args.generate})"
         source = f"with {opened} as tracer:\n" + indent(code, 1)
-        # The `with` line stands where the magic line was, so the cell's lines keep their numbers
-        # and IPython can label them as the cell's own ("Cell In[5], line 3").
-        self._run(source, self.shell.compile.cache(source, self.shell.execution_count, raw_code=source))
+        # The `with` line stands where the magic line was, so the cell's lines keep their numbers.
+        filename = self.shell.compile.cache(source, self.shell.execution_count, raw_code=source)
+        self._run(source, Cell(self.shell, f"%%trace {line}\n{cell}", filename, lambda n: n, args.model))
 
     @cell_magic
     @no_var_expand
@@ -144,8 +145,11 @@ class PatchingMagics(Magics):
         runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
         source = _patch_source(args.model, body(cell, "%%patch"))
         filename = f"<%%patch In[{self.shell.execution_count}]>"
+        lines = len(cell.splitlines())
+        shown = Cell(self.shell, f"%%patch {line}\n{cell}", filename, model=args.model,
+                     to_cell_line=lambda n: n - _PATCH_LINES + 1 if 0 < n - _PATCH_LINES < lines + 1 else 1)
         with _borrowing(self.shell.user_ns, {_RUNS: runs}, restore=("clean", "corrupt", "tracer", *_INVOKES)):
-            self._run(source, filename)
+            self._run(source, shown)
         logits = [_last_logits(out, args.model) for out in (runs.clean_out, runs.corrupt_out, runs.patched_out)]
         result = PatchEffect.measure(model, metric, *logits, answer=answer, wrong=wrong)
         if args.out:
@@ -246,19 +250,19 @@ class PatchingMagics(Magics):
                          "name of a function of the last-position logits [n, vocab]")
 
     # -- running a cell's code ----------------------------------------------------------------
-    def _run(self, source: str, filename: str) -> None:
+    def _run(self, source: str, cell: Cell) -> None:
         """Compile generated source under a filename tied to the cell and run it in the notebook,
-        so that its variables land there and tracebacks show the cell's lines, not nnpatch's."""
+        so that its variables land there; an error shows the cell's lines (`cell_errors`)."""
         __tracebackhide__ = True
         try:
-            code = compile_source(source, filename)
+            code = compile_source(source, cell.filename)
         except SyntaxError as e:  # the cell was checked, so the magic line's expressions are wrong
             text = (e.text or "").strip()
             raise UsageError(f"the magic line does not make valid Python: {e.msg}: {text}") from None
         try:
             exec(code, self.shell.user_ns)
-        except BaseException as e:  # noqa: BLE001 - re-raised with the cell's frames only
-            raise e.with_traceback(cell_frames(e.__traceback__, filename))
+        except BaseException as e:  # noqa: BLE001 - re-raised from the cell's own lines
+            cell.reraise(e)
 
 
 # -- what %%patch measures ------------------------------------------------------------------------
@@ -354,6 +358,9 @@ def _predictions(model, clean, corrupt) -> tuple[list[int], list[int]]:
 
 _RUNS = "__nnpatch_runs__"  # carries the inputs in and each run's output out
 _INVOKES = ("__nnpatch_clean__", "__nnpatch_corrupt__")
+
+
+_PATCH_LINES = 5  # lines of generated code before the cell's first line in _patch_source
 
 
 def _patch_source(model: str, cell: str) -> str:

@@ -17,6 +17,7 @@ The work is split: `job` checks the inputs and enumerates cells, `runner` runs t
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -71,8 +72,9 @@ def activation_patching(model, clean, corrupt=None, *, answer=None, wrong=None,
     are batched up to `batch_size` rows (default: as many as `memory_budget` bytes allow), and
     pairs stream through in parts that fit `memory_budget` (default: half the free memory of the
     model's input device, on the CPU at most 1 GiB unless a pair needs more; `patching.memory`).
-    `progress` shows a tqdm bar (True), nothing (False), or is called as `progress(done, total)`
-    as patched runs finish, e.g. to drive a widget's progress bar.
+    `progress` shows a text tqdm bar on stderr (True; in a notebook too, so that a saved
+    notebook keeps plain text), nothing (False), or is called as `progress(done, total)` as
+    patched runs finish, e.g. to drive a widget's progress bar.
 
     `checkpoint="run.safetensors"` writes finished rows to that file as the sweep goes; the
     same call after a crash resumes from it (`patching.checkpoint`; a named metric only).
@@ -308,14 +310,17 @@ def patch_cells(model, clean, corrupt=None, cells=(), *, site: str = "resid_pre"
 
 
 def _progress(total: int, desc: str, progress: bool | Callable[[int, int], None]):
-    """A tqdm bar, or for a callable `progress` an object that calls it with (done, total).
+    """A text tqdm bar on stderr, or for a callable `progress` an object that calls it with
+    (done, total).
 
-    The bar stays on its own line when it closes, showing the final count: output printed after
-    a sweep starts on the next line, and a bar cut short by an error shows where it stopped."""
+    Text, also in a notebook: a saved notebook keeps it as text, where a widget bar (tqdm.auto)
+    would reopen as "Error displaying widget: model not found". The bar stays on its own line
+    when it closes, showing the final count: output printed after a sweep starts on the next
+    line, and a bar cut short by an error shows where it stopped."""
     if callable(progress):
         return _CallbackProgress(total, progress)
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=True)
+    from tqdm.std import tqdm
+    return tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=True, file=sys.stderr)
 
 
 class _CallbackProgress:

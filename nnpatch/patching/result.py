@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NNPatchValueError
+from .metrics import REGISTRY
 
 _FORMAT = "nnpatch.PatchingResult/1"
 
@@ -80,8 +81,47 @@ class PatchingResult:
             out.append(({d: self.labels[d][int(j)] for d, j in zip(self.dims, index)}, float(flat[i])))
         return out
 
+    @property
+    def normalized(self) -> bool:
+        """Whether `values` are stored normalised (corrupt 0, clean 1), as "logit_diff" is."""
+        spec = REGISTRY.get(self.metric)
+        return spec is not None and spec.normalized
+
+    @property
+    def span_defined(self) -> bool:
+        """Whether clean and corrupt score apart, so that a fraction restored means something
+        (their difference is more than a millionth of the larger score, or of 1)."""
+        span = self.clean_score - self.corrupt_score
+        return abs(span) > 1e-6 * max(1.0, abs(self.clean_score), abs(self.corrupt_score))
+
+    def restored(self) -> torch.Tensor:
+        """Each cell as the fraction of the clean behaviour it restores,
+        (value - corrupt) / (clean - corrupt): 0 is the corrupt run, 1 the clean run. NaN
+        everywhere when clean and corrupt score the same (`span_defined` is False).
+
+            >>> import torch, nnpatch
+            >>> r = nnpatch.PatchingResult(torch.tensor([[0.1, 0.3]]), ("layer", "pos"), {}, clean_score=0.5,
+            ...                            corrupt_score=0.1, metric="prob")
+            >>> r.restored()
+            tensor([[0.0000, 0.5000]])
+        """
+        if not self.span_defined:
+            return torch.full_like(self.values, float("nan"))
+        if self.normalized:
+            return self.values.clone()
+        return (self.values - self.corrupt_score) / (self.clean_score - self.corrupt_score)
+
+    def raw(self) -> torch.Tensor:
+        """Each cell's metric in its own units (for a normalised metric, undone:
+        corrupt + value * (clean - corrupt)); NaN where that cannot be recovered."""
+        if not self.normalized:
+            return self.values.clone()
+        raw = self.corrupt_score + self.values * (self.clean_score - self.corrupt_score)
+        return torch.where(torch.isfinite(raw), raw, torch.full_like(raw, float("nan")))
+
     def plot(self, **kwargs):
-        """A plotly heatmap (diverging RdBu, centred at 0, token labels, hover values)."""
+        """A plotly heatmap of the fraction restored (`heatmap.plot`: one diverging scale centred
+        at 0, raw values on hover, token and index labels); `theme="dark"` for a dark figure."""
         from ..jupyter.heatmap import plot
         return plot(self, **kwargs)
 
