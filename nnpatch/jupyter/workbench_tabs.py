@@ -149,12 +149,20 @@ class _Panel(ipywidgets.VBox):
     def __init__(self, controller, children=()):
         self.controller = controller
         self.note = ipywidgets.HTML()
-        self.theme = None  # the figures' plotly template, set at each update
+        self._theme = None  # the figures' plotly template during an update
         self.pending = (False, None)  # not shown yet: (a run?, the latest inspected (cell, settings) or None)
         self.view = None
         self.seconds: float | None = None
         self.last_error: BaseException | None = None
         super().__init__([self.note, *children], layout=ipywidgets.Layout(width="100%"))
+
+    @property
+    def theme(self):
+        """The theme's template, built once per update for all its figures (given a theme name,
+        each figure builds its own, tens of ms each)."""
+        if self._theme is None:
+            self._theme = template()
+        return self._theme
 
     def catch_up(self) -> None:
         """Show the run and the inspected cell this panel has not shown yet."""
@@ -174,9 +182,7 @@ class _Panel(ipywidgets.VBox):
         start = time.perf_counter()
         self.note.value = ""
         try:
-            # The theme's template, built once for the update's figures (a theme name costs a
-            # fresh template per figure, tens of ms each).
-            self.theme = template()
+            self._theme = None
             work()
         except NNPatchError as e:
             self.note.value = _escape(str(e))
