@@ -257,3 +257,6 @@ def test_plots_show_the_values_they_are_given(ioi):
     with pytest.raises(ValueError, match="at least one"):
         inspect_plots.attention([])
     assert inspect_plots.CONFIG["displaylogo"] is False
+    dark = inspect_plots.logit_lens(lens, theme="dark")  # the theme every nnpatch figure takes
+    assert dark.layout.template.layout.font.color != inspect_plots.logit_lens(lens, theme="light").layout.template.layout.font.color
+    assert dark.layout.modebar.remove == ("sendDataToCloud",) and dark.layout.autosize

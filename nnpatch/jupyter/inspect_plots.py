@@ -21,13 +21,13 @@ import torch
 from plotly.subplots import make_subplots
 
 from ..errors import NNPatchValueError
-from . import heatmap
+from .figures import CONFIG, Figure, finish
+from .heatmap import SCALE
 
 if TYPE_CHECKING:  # the figures take computed values; these imports are for annotations only
     from ..patching.inspect import AttentionPattern, LogitLens
 
-# No plotly logo and no "send to Chart Studio": nnpatch runs on the user's machine.
-CONFIG = getattr(heatmap, "CONFIG", None) or {"displaylogo": False, "showSendToCloud": False}
+__all__ = ["CONFIG", "token_labels", "attention", "logit_attribution", "logit_lens"]
 ATTENTION_SCALE = "Blues"  # attention weights lie in [0, 1]
 LENS_SCALE = "Viridis"
 
@@ -37,9 +37,11 @@ def token_labels(tokens: Sequence[str]) -> list[str]:
     return [f"{t!r} {i}" for i, t in enumerate(tokens)]
 
 
-def attention(patterns: Sequence[AttentionPattern], *, titles: Sequence[str] | None = None) -> go.Figure:
+def attention(patterns: Sequence[AttentionPattern], *, titles: Sequence[str] | None = None,
+              theme: str | go.layout.Template | None = None) -> Figure:
     """Attention patterns side by side (query rows, key columns) on one 0-1 scale. Cells above the
-    diagonal (keys after the query, which a causal model never attends to) are left blank."""
+    diagonal (keys after the query, which a causal model never attends to) are left blank.
+    `theme` is as in `heatmap.plot` ("auto", "light", "dark")."""
     patterns = list(patterns)
     if not patterns:
         raise NNPatchValueError("attention() needs at least one pattern")
@@ -60,11 +62,12 @@ def attention(patterns: Sequence[AttentionPattern], *, titles: Sequence[str] | N
     fig.update_layout(coloraxis={"colorscale": ATTENTION_SCALE, "cmin": 0, "cmax": 1,
                                  "colorbar": {"title": "attention"}},
                       height=int(min(900, max(320, 160 + 18 * n))), margin={"l": 80, "r": 20, "t": 60, "b": 80})
-    return fig
+    return finish(fig, theme)
 
 
 def logit_attribution(values: torch.Tensor, *, answer: str = "answer", wrong: str = "wrong",
-                      title: str | None = None, mark: tuple[int, int] | None = None) -> go.Figure:
+                      title: str | None = None, mark: tuple[int, int] | None = None,
+                      theme: str | go.layout.Template | None = None) -> Figure:
     """Heads' direct logit attribution `[layers, heads]` as a layer x head heatmap, centred at 0;
     `mark` outlines one (layer, head)."""
     values = torch.as_tensor(values).float()
@@ -74,7 +77,7 @@ def logit_attribution(values: torch.Tensor, *, answer: str = "answer", wrong: st
     what = f"logit({answer!r}) - logit({wrong!r})"
     fig = go.Figure(go.Heatmap(
         z=values.tolist(), x=[f"H{h}" for h in range(values.shape[1])], y=[f"L{i}" for i in range(values.shape[0])],
-        zmin=-limit, zmax=limit, colorscale=heatmap.SCALE, colorbar={"title": "direct<br>effect"},
+        zmin=-limit, zmax=limit, colorscale=SCALE, colorbar={"title": "direct<br>effect"},
         hovertemplate="layer %{y}, head %{x}<br>direct effect %{z:.4f}<extra></extra>"))
     if mark is not None:
         layer, head = mark
@@ -84,10 +87,11 @@ def logit_attribution(values: torch.Tensor, *, answer: str = "answer", wrong: st
                       xaxis={"title": "head"}, yaxis={"title": "layer", "autorange": "reversed"},
                       height=int(min(700, max(260, 140 + 26 * values.shape[0]))),
                       margin={"l": 60, "r": 20, "t": 60, "b": 50})
-    return fig
+    return finish(fig, theme)
 
 
-def logit_lens(lenses: LogitLens | Sequence[LogitLens], *, titles: Sequence[str] | None = None) -> go.Figure:
+def logit_lens(lenses: LogitLens | Sequence[LogitLens], *, titles: Sequence[str] | None = None,
+               theme: str | go.layout.Template | None = None) -> Figure:
     """Logit-lens grids, one above the other: each cell is a position's top token after a layer
     (text), coloured by the answer's probability (by the top token's without an answer); hover
     shows both."""
@@ -118,4 +122,4 @@ def logit_lens(lenses: LogitLens | Sequence[LogitLens], *, titles: Sequence[str]
     fig.update_layout(coloraxis={"colorscale": LENS_SCALE, "cmin": 0, "cmax": 1, "colorbar": {"title": bar}},
                       height=height,
                       margin={"l": 60, "r": 20, "t": 50, "b": 60})
-    return fig
+    return finish(fig, theme)

@@ -30,6 +30,7 @@ from ..patching import activation_patching
 from ..patching.inspect import AttentionPattern, LogitLens, attention_pattern, head_logit_attribution, logit_lens
 from ..patching.noise import NOISE_STDS, NoisePatchingResult, noise_patching
 from . import heatmap, inspect_plots
+from .figures import CONFIG, template
 
 SITES = ("resid_pre", "attn_out", "mlp_out")
 DENOISE_NOTE = ("<b>denoise</b>: each cell's clean activation is put into the corrupted run (noise on the "
@@ -148,11 +149,20 @@ class _Panel(ipywidgets.VBox):
     def __init__(self, controller, children=()):
         self.controller = controller
         self.note = ipywidgets.HTML()
+        self._theme = None  # the figures' plotly template during an update
         self.pending = (False, None)  # not shown yet: (a run?, the latest inspected (cell, settings) or None)
         self.view = None
         self.seconds: float | None = None
         self.last_error: BaseException | None = None
         super().__init__([self.note, *children], layout=ipywidgets.Layout(width="100%"))
+
+    @property
+    def theme(self):
+        """The theme's template, built once per update for all its figures (given a theme name,
+        each figure builds its own, tens of ms each)."""
+        if self._theme is None:
+            self._theme = template()
+        return self._theme
 
     def catch_up(self) -> None:
         """Show the run and the inspected cell this panel has not shown yet."""
@@ -172,6 +182,7 @@ class _Panel(ipywidgets.VBox):
         start = time.perf_counter()
         self.note.value = ""
         try:
+            self._theme = None
             work()
         except NNPatchError as e:
             self.note.value = _escape(str(e))
@@ -192,8 +203,8 @@ class HeadPanel(_Panel):
 
     def ran(self) -> None:
         self.view = None
-        _show(self.patterns, go.Figure())
-        _show(self.dla, go.Figure())
+        _clear(self.patterns)
+        _clear(self.dla)
         self.note.value = "Inspect a cell of a layer × head heatmap to see that head here."
 
     def inspected(self, cell, settings) -> None:
@@ -208,11 +219,11 @@ class HeadPanel(_Panel):
                 return
             _show(self.patterns, inspect_plots.attention(
                 [view.clean, view.corrupt],
-                titles=[f"clean: L{view.layer}H{view.head}", f"corrupt: L{view.layer}H{view.head}"]))
+                titles=[f"clean: L{view.layer}H{view.head}", f"corrupt: L{view.layer}H{view.head}"], theme=self.theme))
             _show(self.dla, inspect_plots.logit_attribution(
                 view.dla_clean, answer=settings.answer, wrong=settings.wrong, mark=(view.layer, view.head),
                 title=f"Direct effect of each head on logit({settings.answer!r}) - "
-                      f"logit({settings.wrong!r}), clean run"))
+                      f"logit({settings.wrong!r}), clean run", theme=self.theme))
             here = (view.layer, view.head)
             self.note.value = _escape(
                 f"Head L{view.layer}H{view.head}: direct effect on logit({settings.answer!r}) - "
@@ -244,7 +255,8 @@ class LensPanel(_Panel):
             titles = {"clean": "clean", "corrupt": "corrupt"}
             if cell is not None:
                 titles["patched"] = f"patched: {lenses['patched'].patch} ({getattr(settings, 'direction', 'denoise')})"
-            _show(self.figure, inspect_plots.logit_lens(list(lenses.values()), titles=[titles[k] for k in lenses]))
+            _show(self.figure, inspect_plots.logit_lens(list(lenses.values()), titles=[titles[k] for k in lenses],
+                                                             theme=self.theme))
             if cell is None:
                 self.note.value = "Inspect a cell to add the lens of its patched run."
         self.update(work)
@@ -282,7 +294,7 @@ class NoisePanel(_Panel):
                 + (", ".join(f"{tokens[p]!r} {p}" for p in differ) or "none: type positions")
                 + "). Run noise to compare.")
             self.view = None
-            _show(self.figure, go.Figure())
+            _clear(self.figure)
         self.update(work)
 
     def run(self) -> None:
@@ -296,7 +308,8 @@ class NoisePanel(_Panel):
             _show(self.figure, heatmap.compare(
                 [result, last], titles=[f"noise on {subject} (std {result.noise:.3g}), {result.direction}",
                                         f"corrupt prompt, {last.direction}"
-                                        + (f" (mean of {last.n_pairs} pairs)" if last.n_pairs > 1 else "")]))
+                                        + (f" (mean of {last.n_pairs} pairs)" if last.n_pairs > 1 else "")],
+                theme=self.theme))
             self.note.value = _escape(f"Noise std {result.noise:.4g} on tokens {subject} of the clean prompt "
                                       f"(seed {result.seed}); clean {result.clean_score:.4g}, "
                                       f"noisy {result.corrupt_score:.4g}.")
@@ -317,7 +330,7 @@ class SitesPanel(_Panel):
             if getattr(s, "all_pairs", False) and ctl.pairs:  # as the run did: each pair's own tokens first
                 pairs = [{**p, "answer": p["answer"] or s.answer, "wrong": p["wrong"] or s.wrong} for p in ctl.pairs]
             self.view = results = sites_view(ctl.model, s, ctl.result, pairs)
-            _show(self.figure, heatmap.compare(list(results.values()), titles=list(results)))
+            _show(self.figure, heatmap.compare(list(results.values()), titles=list(results), theme=self.theme))
             n = next(iter(results.values())).n_pairs
             dims = " × ".join(next(iter(results.values())).dims)
             self.note.value = dims + (f", mean of {n} pairs" if n > 1 else "")
@@ -327,7 +340,7 @@ class SitesPanel(_Panel):
 # -- helpers --------------------------------------------------------------------------------------------
 def _figure() -> go.FigureWidget:
     fig = go.FigureWidget(layout={"autosize": True})
-    fig._config = inspect_plots.CONFIG
+    fig._config = CONFIG
     return fig
 
 
@@ -338,6 +351,11 @@ def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
     widget.data = []
     widget.add_traces(fig.data)
     widget.layout = fig.layout
+
+
+def _clear(widget: go.FigureWidget) -> None:
+    if widget.data:  # an empty widget stays as it is (a new layout costs tens of ms)
+        _show(widget, go.Figure())
 
 
 def _positions(text: str) -> list[int]:
