@@ -313,3 +313,26 @@ def test_tabs_and_callbacks(model):
     wb.inspect((0, 0, 0))
     assert "tab failed" in wb.inspector.message and isinstance(wb.last_error, RuntimeError)
     assert wb.inspector.detail["cells"] == [[0, 0, 0]]  # the patching tab still shows its cell
+
+
+def test_all_pairs_cell_equals_the_patch_magic_on_the_pairs(model):
+    """The mean view's cell is what `%%patch model --clean pairs` measures for the same patch."""
+    pytest.importorskip("IPython")
+    from IPython.testing.globalipapp import get_ipython
+    from IPython.utils.capture import capture_output
+    ctl = WorkbenchController(model, PAIRS)
+    result = ctl.run(Settings(PAIR.clean, PAIR.corrupt, "", "", all_pairs=True))
+    layer, pos = 1, PAIR.meta["s2"]
+    outcome = ctl.inspect((layer, pos))
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "nnpatch")
+    ip.user_ns.update(wb_model=model, wb_pairs=PAIRS)
+    with capture_output():
+        res = ip.run_cell("%%patch wb_model --clean wb_pairs --out wb_effect\n"
+                          f"wb_model.transformer.h[{layer}].input[:, {pos}] = clean.transformer.h[{layer}].input[:, {pos}]\n")
+    assert res.error_in_exec is None
+    effect = ip.user_ns["wb_effect"]
+    assert_close(effect.effect, result.values[layer, pos])
+    assert_close(effect.effect, outcome.normalized)
+    assert_close(effect.patched_score, outcome.patched_score)
+    assert_close(effect.clean_score, result.clean_score)
