@@ -477,8 +477,8 @@ def _as_language_model(model) -> LanguageModel:
 
 
 def _describe(s: Settings) -> str:
-    what = "all pairs" if s.all_pairs else repr(s.clean[-24:])
-    return f"{s.site} by {' × '.join(s.by)}, {s.metric}, {what}"
+    """A run in a few words, for a subplot title."""
+    return f"{s.site} by {'×'.join(d[0].upper() for d in s.by)}, {'all pairs' if s.all_pairs else 'one pair'}"
 
 
 def _rows(values: torch.Tensor) -> list[list[float]]:
