@@ -251,6 +251,11 @@ def test_all_pairs_of_different_lengths_by_position_says_why(model):
     wb.controls.granularity = "layer × head"
     wb.run()
     assert wb.controls.message == "" and wb.controls.summary["pairs"] == 8
+    # Eight small heatmaps, one per pair, in two rows of four.
+    fig, per_pair = wb.controller.pair_figure(), wb.controller.history.current.per_pair
+    for k, (trace, r) in enumerate(zip(fig.data, per_pair)):
+        assert torch.allclose(torch.tensor(trace.z, dtype=torch.float32), r.values, atol=1e-6), k
+    assert fig.layout.yaxis5.domain[1] < fig.layout.yaxis.domain[0] and fig.layout.xaxis5.domain == fig.layout.xaxis.domain
 
 
 # -- layer x head x pos ----------------------------------------------------------------------------
@@ -336,3 +341,19 @@ def test_all_pairs_cell_equals_the_patch_magic_on_the_pairs(model):
     assert_close(effect.effect, outcome.normalized)
     assert_close(effect.patched_score, outcome.patched_score)
     assert_close(effect.clean_score, result.clean_score)
+
+
+def test_figures_take_the_width_the_page_measured(model):
+    wb = nnpatch.Workbench(model, PAIRS)
+    assert wb.heatmap._config["displaylogo"] is False and wb.heatmap._config["responsive"] is True
+    wb.run()
+    assert wb.heatmap.layout.width is None  # not measured yet: plotly sizes it
+    wb.inspector.plot_width, wb.inspector.row_width = 512, 900  # what inspector.js reports
+    assert wb.heatmap.layout.width == 512
+    wb.controls.pair = -2
+    wb.run()
+    assert wb.heatmap.layout.width == 512  # a new run keeps the measured width
+    wb.show_pairs()
+    assert wb.extra.layout.width == 900 and len(wb.extra.data) == len(PAIRS)
+    wb.inspector.plot_width = 380  # the page narrowed: the inspector moved below
+    assert wb.heatmap.layout.width == 380

@@ -41,7 +41,7 @@ from ..patching import METRICS, activation_patching, patch_cells
 from ..patching.pairs import pair_dicts
 from ..patching.sites import sites
 from . import heatmap
-from .runs import History, Progress, Run, spread
+from .runs import History, Progress, Run, as_grid, spread
 from .workbench_inputs import TOP_K, Inputs, Preview, Token, top
 
 Cell = tuple[int, ...]  # indices along the result's dims: (layer, pos), (layer, head) or (layer, head, pos)
@@ -254,7 +254,7 @@ class WorkbenchController:
         if not run.per_pair:
             raise NNPatchError("per-pair views need a run over all pairs: pick \"all pairs (mean)\" and Run")
         titles = [f"pair {i + 1}" for i in range(len(run.per_pair))]
-        return _compare(run.per_pair, titles, self.theme)
+        return as_grid(_compare(run.per_pair, titles, self.theme), len(run.per_pair))
 
     # -- cells -------------------------------------------------------------------------------------
     def inspect(self, cell: Cell) -> Outcome:
