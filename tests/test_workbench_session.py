@@ -162,6 +162,18 @@ def test_changed_inputs_mark_the_run_stale_and_refuse_clicks(model):
     c.wrong = PAIR.answer
     wb.run()
     assert not c.stale and ctl.settings.answer == PAIR.wrong
+    # With all pairs, the fields the run ignores (pair 1's prompts and tokens, every pair having its
+    # own) do not make it stale; everything it uses does.
+    c.pair = -2
+    wb.run()
+    c.answer = " Kate"
+    assert not c.stale
+    c.pair, c.clean = -1, README_CLEAN  # what typing does: your own prompts, one pair
+    assert c.stale
+    c.pair = -2
+    assert not c.stale
+    c.site = "resid_mid"
+    assert c.stale
 
 
 # -- history ---------------------------------------------------------------------------------------
