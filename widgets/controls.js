@@ -1,6 +1,7 @@
-// The workbench's set-up panel: prompts, token preview, answer pickers, site, Run.
-// It only reads and writes the traits of nnpatch.workbench._Controls; tokenizing, checking and
-// running all happen in Python. Render returns a clean-up that removes every listener it added.
+// The workbench's set-up panel: prompts, token preview, answer pickers, site, direction, Run, and
+// the session's history of runs. It only reads and writes the traits of
+// nnpatch.workbench._Controls; tokenizing, checking and running all happen in Python. Render
+// returns a clean-up that removes every listener it added.
 
 function h(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -19,6 +20,26 @@ function number(x) {
   return typeof x === "number" && Number.isFinite(x) ? x.toFixed(4) : "–";
 }
 
+function prob(x) {
+  return typeof x === "number" && Number.isFinite(x) ? x.toFixed(3) : "–";
+}
+
+// Keys pressed inside the app stay in the app: JupyterLab listens for its shortcuts (Shift+Enter
+// runs the cell, D D deletes it) on the notebook, above this element. Ctrl/Cmd+S still saves.
+// Ctrl/Cmd+Enter and Shift+Enter, the notebook's "run" keys, run the app instead.
+function keepKeys(root, onSubmit) {
+  const listener = (event) => {
+    const mod = event.ctrlKey || event.metaKey;
+    if ((mod || event.shiftKey) && event.key === "Enter" && onSubmit) {
+      event.preventDefault();
+      onSubmit();
+    }
+    if (!(mod && event.key.toLowerCase() === "s")) event.stopPropagation();
+  };
+  root.addEventListener("keydown", listener);
+  return () => root.removeEventListener("keydown", listener);
+}
+
 function render({ model, el }) {
   const root = h("div", { class: "nnp nnp-controls" });
   el.append(root);
@@ -30,6 +51,10 @@ function render({ model, el }) {
       cleanups.push(() => model.off(`change:${name}`, fn));
     }
     fn();
+  };
+  const act = (name, extra = {}) => {
+    model.set("action", { name, seq: Date.now(), ...extra });
+    model.save_changes();
   };
 
   // Text fields write their trait a moment after the user stops typing, and at once on Run.
@@ -48,9 +73,21 @@ function render({ model, el }) {
   };
   cleanups.push(() => timers.forEach((id) => clearTimeout(id)));
 
+  // JupyterLab's theme decides the figures' colours: Python draws a dark heatmap for a dark theme.
+  const syncTheme = () => {
+    const theme = document.body.dataset.jpThemeLight === "false" ? "dark" : "light";
+    if (model.get("theme") !== theme) { model.set("theme", theme); model.save_changes(); }
+  };
+  syncTheme();
+  const themeWatch = new MutationObserver(syncTheme);
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
+  cleanups.push(() => themeWatch.disconnect());
+
   // -- pairs ----------------------------------------------------------------------------------
-  const pairSelect = h("select", { class: "nnp-pair" });
-  const pairRow = h("div", { class: "nnp-row" }, h("label", {}, "Example"), pairSelect);
+  const pairSelect = h("select", { class: "nnp-pair", "data-testid": "pair-picker",
+                                   title: "a ready-made experiment; \"all pairs (mean)\" sweeps every pair and shows the mean" });
+  const allPairsHint = h("span", { class: "nnp-hint nnp-all-pairs-hint", "data-testid": "all-pairs-hint" });
+  const pairRow = h("div", { class: "nnp-row" }, h("label", {}, "Example"), pairSelect, allPairsHint);
   pairSelect.addEventListener("change", () => {
     // An example replaces every field: edits still waiting to be written would undo it.
     timers.forEach((id) => clearTimeout(id));
@@ -62,15 +99,18 @@ function render({ model, el }) {
     pairRow.hidden = pairs.length === 0;
     pairSelect.replaceChildren(
       h("option", { value: "-1" }, "your own prompts"),
+      pairs.length ? h("option", { value: "-2", class: "nnp-all-pairs" }, `all ${pairs.length} pairs (mean)`) : null,
       ...pairs.map((label, i) => h("option", { value: String(i) }, label)),
     );
     pairSelect.value = String(model.get("pair"));
+    allPairsHint.textContent = model.get("pair") === -2
+      ? `every pair runs, each with its own answer and wrong token; the fields below show pair 1` : "";
   });
 
   // -- prompts ----------------------------------------------------------------------------------
-  const prompt = (name, label) => {
-    const area = h("textarea", { class: `nnp-prompt nnp-${name}`, rows: 2, spellcheck: false,
-                                 placeholder: `${label} prompt` });
+  const prompt = (name, label, hint) => {
+    const area = h("textarea", { class: `nnp-prompt nnp-${name}`, rows: 2, spellcheck: false, title: hint,
+                                 placeholder: `${label} prompt`, "data-testid": `${name}-prompt` });
     area.addEventListener("input", () => {
       if (model.get("pair") !== -1) write("pair", -1);
       write(name, area.value, 250);
@@ -80,12 +120,13 @@ function render({ model, el }) {
     });
     return [area, h("div", { class: "nnp-row" }, h("label", {}, label), area)];
   };
-  const [cleanArea, cleanRow] = prompt("clean", "Clean");
-  const [corruptArea, corruptRow] = prompt("corrupt", "Corrupt");
+  const [cleanArea, cleanRow] = prompt("clean", "Clean", "the prompt whose answer you want to explain (Ctrl+Enter or Shift+Enter runs)");
+  const [corruptArea, corruptRow] = prompt("corrupt", "Corrupt",
+    "the same prompt with the detail that changes the answer, token for token (Ctrl+Enter or Shift+Enter runs)");
 
   // -- token preview ----------------------------------------------------------------------------
-  const tokens = h("div", { class: "nnp-tokens" });
-  const warning = h("div", { class: "nnp-warning" });
+  const tokens = h("div", { class: "nnp-tokens", title: "the prompts' tokens by position; differences are highlighted" });
+  const warning = h("div", { class: "nnp-warning nnp-token-warning", "data-testid": "token-warning" });
   on("preview", () => {
     const p = model.get("preview");
     const clean = p.clean || [], corrupt = p.corrupt || [];
@@ -112,7 +153,8 @@ function render({ model, el }) {
   // -- answer and wrong token -------------------------------------------------------------------
   const picker = (name, label, optionsTrait, hint) => {
     const listId = `nnp-${name}-${uid}`;
-    const input = h("input", { class: `nnp-pick nnp-${name}`, list: listId, spellcheck: false });
+    const input = h("input", { class: `nnp-pick nnp-${name}`, list: listId, spellcheck: false, title: hint,
+                               "data-testid": name });
     const list = h("datalist", { id: listId });
     input.addEventListener("input", () => write(name, input.value, 250));
     on(name, () => {
@@ -125,36 +167,54 @@ function render({ model, el }) {
     return [input, h("span", { class: "nnp-field", title: hint }, h("label", {}, label), input, list)];
   };
   const [answerInput, answerField] = picker("answer", "Answer", "answer_options",
-                                            "the token the clean prompt should predict");
+    "the token the clean prompt should predict (one token; the list shows the clean run's top predictions)");
   const [wrongInput, wrongField] = picker("wrong", "Wrong", "wrong_options",
-                                          "the token the corrupt prompt should predict");
+    "the token the corrupt prompt should predict (one token; the list shows the corrupt run's top predictions)");
+  const answerWarning = h("div", { class: "nnp-warning nnp-answer-warning", "data-testid": "answer-warning" });
+  on("warning", () => {
+    answerWarning.textContent = model.get("warning");
+    answerWarning.hidden = !model.get("warning");
+  });
 
-  // -- granularity, site, metric --------------------------------------------------------------
-  const choice = (name, optionsTrait, label) => {
-    const select = h("select", { class: `nnp-${name}` });
+  // -- granularity, site, metric, direction -----------------------------------------------------
+  const choice = (name, options, label, hint) => {
+    const select = h("select", { class: `nnp-${name}`, title: hint, "data-testid": name });
     select.addEventListener("change", () => write(name, select.value));
-    on(`${optionsTrait} ${name}`, () => {
-      select.replaceChildren(...model.get(optionsTrait).map((o) => h("option", { value: o }, o)));
+    on(`${typeof options === "string" ? options + " " : ""}${name}`, () => {
+      const list = typeof options === "string" ? model.get(options) : options();
+      select.replaceChildren(...list.map((o) => h("option", { value: o }, o)));
       select.value = model.get(name);
     });
-    return h("span", { class: "nnp-field" }, h("label", {}, label), select);
+    return h("span", { class: "nnp-field", title: hint }, h("label", {}, label), select);
   };
+  const directionHint = h("span", { class: "nnp-hint nnp-direction-hint", "data-testid": "direction-hint" });
+  on("direction directions", () => {
+    directionHint.textContent = model.get("directions")[model.get("direction")] || "";
+  });
 
   // -- run ----------------------------------------------------------------------------------------
-  const runButton = h("button", { class: "nnp-run", type: "button" }, "Run");
-  const progress = h("progress", { class: "nnp-progress", max: "1" });
-  const summary = h("span", { class: "nnp-summary" });
-  runButton.addEventListener("click", () => {
+  const runButton = h("button", { class: "nnp-run", type: "button", "data-testid": "run",
+                                  title: "sweep every cell with these settings (Ctrl+Enter)" }, "Run");
+  const progress = h("progress", { class: "nnp-progress", max: "1", title: "patched runs done" });
+  const summary = h("span", { class: "nnp-summary", "data-testid": "summary" });
+  const staleBanner = h("span", { class: "nnp-stale-banner", "data-testid": "stale-banner",
+                                  title: "the heatmap and the numbers below belong to the last run's inputs" },
+                        "inputs changed: Run");
+  const run = () => {
     // What is in the fields now is what runs, even if the user has not paused typing.
     for (const [name, input] of [["clean", cleanArea], ["corrupt", corruptArea],
                                  ["answer", answerInput], ["wrong", wrongInput]]) {
       clearTimeout(timers.get(name));
       timers.delete(name);
-      model.set(name, input.value);
+      if (model.get(name) !== input.value) {
+        model.set(name, input.value);
+        if ((name === "clean" || name === "corrupt") && model.get("pair") !== -1) model.set("pair", -1);
+      }
     }
-    model.set("action", { name: "run", seq: Date.now() });
-    model.save_changes();
-  });
+    act("run");
+  };
+  runButton.addEventListener("click", run);
+  cleanups.push(keepKeys(root, () => { if (!runButton.disabled) run(); }));
   // Indeterminate until the sweep reports its first finished runs, then the fraction done.
   on("busy", () => {
     const busy = model.get("busy");
@@ -168,16 +228,62 @@ function render({ model, el }) {
     if (done > 0) progress.value = done;
     else progress.removeAttribute("value");
   });
+  on("stale", () => {
+    staleBanner.hidden = !model.get("stale");
+    root.classList.toggle("nnp-is-stale", model.get("stale"));
+  });
   on("summary", () => {
     const s = model.get("summary");
     if (!s.metric) { summary.replaceChildren(); return; }
     const score = (label, key) => h("span", { class: `nnp-score nnp-${key}`, "data-value": String(s[key]) },
                                     `${label} ${number(s[key])}`);
-    summary.replaceChildren(`${s.cells} cells in ${s.seconds.toFixed(2)} s · ${s.metric}: `,
-                            score("clean", "clean_score"), " · ", score("corrupt", "corrupt_score"));
+    const probs = s.probs || {};
+    const p = (token, name) => {
+      const runs = probs[name] || {};
+      return h("span", { class: `nnp-probs nnp-p-${name}`, title: `p(${name}) in the unpatched clean and corrupt runs` +
+                         (s.pairs > 1 ? `, mean over ${s.pairs} pairs (each with its own ${name})` : "") },
+        `p(${s.pairs > 1 ? name : JSON.stringify(token)}) `,
+        ...["clean", "corrupt"].flatMap((r, i) => [i ? " / " : "",
+          h("span", { class: `nnp-prob nnp-p-${name}-${r}`, "data-value": String(runs[r]), title: `${r} run` }, prob(runs[r]))]));
+    };
+    summary.replaceChildren(`${s.cells} cells${s.pairs > 1 ? ` × ${s.pairs} pairs` : ""} in ${s.seconds.toFixed(2)} s · ${s.metric}: `,
+                            score("clean", "clean_score"), " · ", score("corrupt", "corrupt_score"), " · ",
+                            p(s.answer, "answer"), " · ", p(s.wrong, "wrong"));
   });
 
-  const message = h("div", { class: "nnp-message", role: "alert" });
+  // -- history ------------------------------------------------------------------------------------
+  const back = h("button", { type: "button", class: "nnp-back", "data-testid": "history-back", title: "show the previous run (its inputs come back)" }, "◀");
+  const forward = h("button", { type: "button", class: "nnp-forward", "data-testid": "history-forward", title: "show the next run" }, "▶");
+  const where = h("span", { class: "nnp-hint nnp-history-position", "data-testid": "history-position" });
+  const compareWith = h("select", { class: "nnp-compare-with", "data-testid": "compare-with", title: "the run to show beside this one" });
+  const compare = h("button", { type: "button", class: "nnp-compare", "data-testid": "history-compare",
+                                title: "show this run and the chosen one side by side, on one colour scale" }, "Compare");
+  const perPair = h("button", { type: "button", class: "nnp-per-pair", "data-testid": "per-pair",
+                                title: "one small heatmap per pair of this run over all pairs" }, "Per pair");
+  const hide = h("button", { type: "button", class: "nnp-hide-extra", "data-testid": "hide-extra", title: "hide the comparison" }, "Hide");
+  back.addEventListener("click", () => act("back"));
+  forward.addEventListener("click", () => act("forward"));
+  compare.addEventListener("click", () => act("compare", { other: Number(compareWith.value) }));
+  perPair.addEventListener("click", () => act("per_pair"));
+  hide.addEventListener("click", () => act("hide_extra"));
+  const historyRow = h("div", { class: "nnp-row nnp-history" }, h("label", {}, "Runs"), back, forward, where,
+                       compareWith, compare, perPair, hide);
+  on("history", () => {
+    const hist = model.get("history");
+    const runs = hist.runs || [], i = hist.index ?? -1;
+    historyRow.hidden = runs.length === 0;
+    back.disabled = i <= 0;
+    forward.disabled = i >= runs.length - 1;
+    where.textContent = runs.length ? `${runs[i]} (${i + 1} of ${runs.length})` : "";
+    const others = runs.map((label, k) => [label, k]).filter(([, k]) => k !== i).reverse();
+    compareWith.replaceChildren(...others.map(([label, k]) => h("option", { value: String(k) }, label)));
+    if (i > 0) compareWith.value = String(i - 1);
+    compareWith.hidden = compare.hidden = others.length === 0;
+    perPair.hidden = !hist.per_pair;
+    hide.hidden = !hist.extra;
+  });
+
+  const message = h("div", { class: "nnp-message", role: "alert", "data-testid": "message" });
   on("message", () => {
     message.textContent = model.get("message");
     message.hidden = !model.get("message");
@@ -188,10 +294,16 @@ function render({ model, el }) {
     h("div", { class: "nnp-row" }, h("label", {}, "Tokens"), h("div", { class: "nnp-grow" }, tokens, warning)),
     h("div", { class: "nnp-row nnp-settings" },
       answerField, wrongField,
-      choice("granularity", "granularities", "Cells"),
-      choice("site", "sites", "Site"),
-      choice("metric", "metrics", "Metric")),
-    h("div", { class: "nnp-row nnp-actions" }, runButton, progress, summary),
+      choice("granularity", "granularities", "Cells", "what one heatmap cell patches: a layer at one position, one head (all positions), or one head at one position"),
+      choice("site", "sites", "Site", "where in each layer the activation is patched (a module path of the model)"),
+      choice("metric", "metrics", "Metric", "what is measured on the last position's logits; logit_diff is normalised: corrupt 0, clean 1")),
+    h("div", { class: "nnp-row nnp-settings" },
+      choice("direction", () => Object.keys(model.get("directions")), "Direction",
+             "denoise: clean activations into the corrupt run (what restores the answer); noise: corrupt into clean (what breaks it)"),
+      directionHint),
+    answerWarning,
+    h("div", { class: "nnp-row nnp-actions" }, runButton, progress, staleBanner, summary),
+    historyRow,
     message,
   );
   return () => cleanups.forEach((undo) => undo());
