@@ -18,7 +18,7 @@ __all__ = [
     "sites", "register_sites", "activation_patching", "attribution_patching", "PatchingResult",
     "Workbench", "models", "tasks", "heatmap",
     "graph", "register_graph", "path_patching", "edge_attribution", "evaluate_circuit", "smallest_circuit", "Circuit",
-    "circuit_plot",
+    "circuit_plot", "attention_pattern", "head_logit_attribution", "logit_lens", "noise_patching",
 ]
 
 # Everything beyond the engine loads on first use, so `import nnpatch` stays light and the
@@ -36,6 +36,10 @@ _LAZY = {
     "evaluate_circuit": ("nnpatch.patching.faithfulness", "evaluate_circuit"),
     "smallest_circuit": ("nnpatch.patching.faithfulness", "smallest_circuit"),
     "Circuit": ("nnpatch.patching.circuit", "Circuit"),
+    "attention_pattern": ("nnpatch.patching.inspect", "attention_pattern"),
+    "head_logit_attribution": ("nnpatch.patching.inspect", "head_logit_attribution"),
+    "logit_lens": ("nnpatch.patching.inspect", "logit_lens"),
+    "noise_patching": ("nnpatch.patching.noise", "noise_patching"),
     "Workbench": ("nnpatch.jupyter.workbench", "Workbench"),
     "sweep": ("nnpatch.sweep", None),
     "heatmap": ("nnpatch.jupyter.heatmap", None),

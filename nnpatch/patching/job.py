@@ -34,6 +34,9 @@ class Group:
     answer: torch.Tensor | None  # [n]
     wrong: torch.Tensor | None  # [n]
     direction: str
+    # Added to the input embeddings of the clean and of the corrupt run ([n, pos, d] each, or None):
+    # a corrupt run made by noise on the clean prompt (`noise.noise_patching`) rather than by its own prompt.
+    noise: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     @property
     def n(self) -> int:
@@ -43,8 +46,9 @@ class Group:
         """The pairs of this group at positions `keep` (indices into this group)."""
         at = torch.as_tensor(keep, dtype=torch.long)
         pick = lambda t: None if t is None else t[at.to(t.device)]  # noqa: E731
+        noise = None if self.noise is None else tuple(pick(t) for t in self.noise)
         return Group([self.pairs[i] for i in keep], pick(self.clean), pick(self.corrupt), pick(self.answer),
-                     pick(self.wrong), self.direction)
+                     pick(self.wrong), self.direction, noise)
 
     def split(self, size: int) -> list["Group"]:
         """This group in parts of at most `size` pairs (a sweep streams them one at a time)."""
@@ -57,6 +61,14 @@ class Group:
     @property
     def source_ids(self) -> torch.Tensor:  # the run patches come from
         return self.clean if self.direction == "denoise" else self.corrupt
+
+    @property
+    def base_noise(self) -> torch.Tensor | None:  # [n, pos, d] added to the base run's input embeddings
+        return None if self.noise is None else self.noise[self.direction == "denoise"]
+
+    @property
+    def source_noise(self) -> torch.Tensor | None:
+        return None if self.noise is None else self.noise[self.direction != "denoise"]
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class Runner:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.block_out_len = 0  # 0: blocks return a tensor; k: a tuple of k elements
         self.cache_arg = _cache_argument(self.base) if self.kv else None
+        self.embed = _embedding_path(job.module) if group.noise is not None else None
 
     # -- reference runs ---------------------------------------------------------------------------
     def reference_runs(self) -> None:
@@ -50,6 +51,7 @@ class Runner:
         values: dict[int, torch.Tensor] = {}
         specs = [(job.sites[layer].path, job.sites[layer].kind, _keeper(job.sites[layer], values, layer))
                  for layer in layers]
+        specs += self.noise_specs(group.source_noise)
         with torch.no_grad(), hooks(job.module, specs):
             source_logits, _ = self._forward(group.source_ids, want_cache=False)
         self.source_values = values  # layer -> [n, pos, d]
@@ -61,6 +63,7 @@ class Runner:
         specs += [(job.sites[layer].path, job.sites[layer].kind, _keeper(job.sites[layer], base_values, layer))
                   for layer in layers]
         specs.append((f"{job.table.blocks}.0", "output", self._note_block_output))
+        specs += self.noise_specs(group.base_noise)
         with torch.no_grad(), hooks(job.module, specs):
             base_logits, self.cache = self._forward(group.base_ids, want_cache=self.kv)
         self.base_resid = resid  # layer -> [n, pos, d], the input of each block in the base run
@@ -194,14 +197,9 @@ class Runner:
             resid = stored[pairs.to(stored.device), start_pos:]  # [rows, pos', d]
             block = Site(f"{job.table.blocks}.{start_layer}", "input")
             specs.append((block.path, "input", _replace(block, lambda x: resid.to(x.device))))
-        for layer, patch in self._patches(rows, pairs, start_pos).items():
-            site = job.sites[layer]
-            if site.via is None:
-                specs.append((site.path, site.kind, _patch_hook(site, patch)))
-            else:  # written through an addend: the addend becomes wanted value minus the stream
-                stream: dict[str, torch.Tensor] = {}
-                specs.append((site.stream.path, site.stream.kind, _keeper(site.stream, stream, "x", detach=False)))
-                specs.append((site.via.path, site.via.kind, _patch_hook(site.via, patch, stream)))
+        specs += self.patch_specs(rows, pairs, start_pos)
+        noise = group.base_noise
+        specs += self.noise_specs(None if noise is None else noise[pairs.to(noise.device), start_pos:])
         last = job.table.n_layers - 1
         if self.kv and all(p.layer < last for r in rows for p in r.patches):
             # In the last block only the last position reaches the logits: its attention output
@@ -223,6 +221,26 @@ class Runner:
                 two = self._unembed(hidden, cols)
                 return two[:, 0] - two[:, 1]
             return self._unembed(hidden)
+
+    def patch_specs(self, rows: list[Row], pairs: torch.Tensor, start_pos: int = 0) -> list:
+        """Hooks that write each row's patches into a batch of base runs (`pairs` [rows]: the
+        pair of each batch row; the batch starts at position `start_pos`)."""
+        specs = []
+        for layer, patch in self._patches(rows, pairs, start_pos).items():
+            site = self.job.sites[layer]
+            if site.via is None:
+                specs.append((site.path, site.kind, _patch_hook(site, patch)))
+            else:  # written through an addend: the addend becomes wanted value minus the stream
+                stream: dict[str, torch.Tensor] = {}
+                specs.append((site.stream.path, site.stream.kind, _keeper(site.stream, stream, "x", detach=False)))
+                specs.append((site.via.path, site.via.kind, _patch_hook(site.via, patch, stream)))
+        return specs
+
+    def noise_specs(self, noise: torch.Tensor | None) -> list:
+        """A hook adding `noise` [rows, pos, d] to the input embeddings (none for None)."""
+        if noise is None:
+            return []
+        return [(self.embed, "output", lambda module, args, kwargs, out: out + noise.to(out.device, out.dtype))]
 
     def _patches(self, rows, pairs, start_pos):
         """Per layer: which (row, position, head) of the batch takes which source value."""
@@ -287,6 +305,16 @@ class Captured:
     values: list[torch.Tensor]  # per swept layer: [n, pos, d]
     deltas: list[torch.Tensor]  # per swept layer: the zero leaf added to the site
     logits: torch.Tensor  # [n, vocab]
+
+
+def _embedding_path(module: torch.nn.Module) -> str:
+    """The module path of the model's input embedding (`get_input_embeddings()`)."""
+    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    path = next((name for name, m in module.named_modules() if m is embed), None) if embed is not None else None
+    if path is None:
+        raise NNPatchTypeError(f"{type(module).__name__} has no get_input_embeddings(); noise on the input "
+                               "embeddings needs a Hugging Face model (or a module that defines it)")
+    return path
 
 
 def _cache_argument(base: torch.nn.Module) -> str:
