@@ -332,6 +332,13 @@ def test_tabs_and_callbacks(model):
     assert wb.inspector.detail["cells"] == [[0, 0, 0]]  # the patching tab still shows its cell
 
 
+def test_the_workbench_opens_with_every_tab(model):
+    wb = nnpatch.Workbench(model, PAIRS)
+    assert wb.tabs.titles == ("Patching", "Head", "Logit lens", "Noise", "Sites", "Circuit")
+    assert wb.tabs.children[-1] is wb.circuit and wb.circuit.controller.pairs == wb.controller.pairs
+    assert nnpatch.Workbench(model).tabs.titles[-1] == "Sites"  # no pairs: no task for a circuit
+
+
 def test_all_pairs_cell_equals_the_patch_magic_on_the_pairs(model):
     """The mean view's cell is what `%%patch model --clean pairs` measures for the same patch."""
     pytest.importorskip("IPython")

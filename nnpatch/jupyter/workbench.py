@@ -32,6 +32,8 @@ import traitlets as t
 
 from ..errors import NNPatchError
 from . import heatmap as _heatmap
+from . import workbench_tabs
+from .circuit_panel import CircuitPanel
 from .controller import DIRECTIONS, GRANULARITIES, Settings, WorkbenchController
 
 _ASSETS = importlib.resources.files("nnpatch.widgets")
@@ -149,7 +151,11 @@ class Workbench(ipywidgets.VBox):
 
         if self.controller.pairs:
             self.controls.pair = 0
-        self._on_granularity()  # last, so that a model without standard sites says so at once
+        self._on_granularity()  # so that a model without standard sites says so at once
+        self.extra_tabs = workbench_tabs.add_all(self)  # Head, Logit lens, Noise, Sites
+        if self.controller.pairs:
+            self.circuit = CircuitPanel(self.controller.model, self.controller.pairs)
+            self.add_tab("Circuit", self.circuit)
 
     # -- extension points ------------------------------------------------------------------------
     def add_tab(self, title: str, widget) -> None:
