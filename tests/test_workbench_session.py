@@ -162,6 +162,18 @@ def test_changed_inputs_mark_the_run_stale_and_refuse_clicks(model):
     c.wrong = PAIR.answer
     wb.run()
     assert not c.stale and ctl.settings.answer == PAIR.wrong
+    # With all pairs, the fields the run ignores (pair 1's prompts and tokens, every pair having its
+    # own) do not make it stale; everything it uses does.
+    c.pair = -2
+    wb.run()
+    c.answer = " Kate"
+    assert not c.stale
+    c.pair, c.clean = -1, README_CLEAN  # what typing does: your own prompts, one pair
+    assert c.stale
+    c.pair = -2
+    assert not c.stale
+    c.site = "resid_mid"
+    assert c.stale
 
 
 # -- history ---------------------------------------------------------------------------------------
@@ -251,6 +263,11 @@ def test_all_pairs_of_different_lengths_by_position_says_why(model):
     wb.controls.granularity = "layer × head"
     wb.run()
     assert wb.controls.message == "" and wb.controls.summary["pairs"] == 8
+    # Eight small heatmaps, one per pair, in two rows of four.
+    fig, per_pair = wb.controller.pair_figure(), wb.controller.history.current.per_pair
+    for k, (trace, r) in enumerate(zip(fig.data, per_pair)):
+        assert torch.allclose(torch.tensor(trace.z, dtype=torch.float32), r.values, atol=1e-6), k
+    assert fig.layout.yaxis5.domain[1] < fig.layout.yaxis.domain[0] and fig.layout.xaxis5.domain == fig.layout.xaxis.domain
 
 
 # -- layer x head x pos ----------------------------------------------------------------------------
@@ -290,7 +307,7 @@ def test_tabs_and_callbacks(model):
     wb = nnpatch.Workbench(model, PAIRS)
     extra = ipywidgets.HTML("attention")
     wb.add_tab("Attention", extra)
-    assert wb.tabs.titles == ("Patching", "Attention") and wb.tabs.children[1] is extra
+    assert wb.tabs.titles[0] == "Patching" and wb.tabs.titles[-1] == "Attention" and wb.tabs.children[-1] is extra
     runs, inspected = [], []
     wb.on_run(lambda: runs.append(wb.controller.result))
     wb.on_inspect(lambda cell, settings: inspected.append((cell, settings)))
@@ -313,3 +330,49 @@ def test_tabs_and_callbacks(model):
     wb.inspect((0, 0, 0))
     assert "tab failed" in wb.inspector.message and isinstance(wb.last_error, RuntimeError)
     assert wb.inspector.detail["cells"] == [[0, 0, 0]]  # the patching tab still shows its cell
+
+
+def test_the_workbench_opens_with_every_tab(model):
+    wb = nnpatch.Workbench(model, PAIRS)
+    assert wb.tabs.titles == ("Patching", "Head", "Logit lens", "Noise", "Sites", "Circuit")
+    assert wb.tabs.children[-1] is wb.circuit and wb.circuit.controller.pairs == wb.controller.pairs
+    assert nnpatch.Workbench(model).tabs.titles[-1] == "Sites"  # no pairs: no task for a circuit
+
+
+def test_all_pairs_cell_equals_the_patch_magic_on_the_pairs(model):
+    """The mean view's cell is what `%%patch model --clean pairs` measures for the same patch."""
+    pytest.importorskip("IPython")
+    from IPython.testing.globalipapp import get_ipython
+    from IPython.utils.capture import capture_output
+    ctl = WorkbenchController(model, PAIRS)
+    result = ctl.run(Settings(PAIR.clean, PAIR.corrupt, "", "", all_pairs=True))
+    layer, pos = 1, PAIR.meta["s2"]
+    outcome = ctl.inspect((layer, pos))
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "nnpatch")
+    ip.user_ns.update(wb_model=model, wb_pairs=PAIRS)
+    with capture_output():
+        res = ip.run_cell("%%patch wb_model --clean wb_pairs --out wb_effect\n"
+                          f"wb_model.transformer.h[{layer}].input[:, {pos}] = clean.transformer.h[{layer}].input[:, {pos}]\n")
+    assert res.error_in_exec is None
+    effect = ip.user_ns["wb_effect"]
+    assert_close(effect.effect, result.values[layer, pos])
+    assert_close(effect.effect, outcome.normalized)
+    assert_close(effect.patched_score, outcome.patched_score)
+    assert_close(effect.clean_score, result.clean_score)
+
+
+def test_figures_take_the_width_the_page_measured(model):
+    wb = nnpatch.Workbench(model, PAIRS)
+    assert wb.heatmap._config["displaylogo"] is False and wb.heatmap._config["responsive"] is True
+    wb.run()
+    assert wb.heatmap.layout.width is None  # not measured yet: plotly sizes it
+    wb.inspector.plot_width, wb.inspector.row_width = 512, 900  # what inspector.js reports
+    assert wb.heatmap.layout.width == 512
+    wb.controls.pair = -2
+    wb.run()
+    assert wb.heatmap.layout.width == 512  # a new run keeps the measured width
+    wb.show_pairs()
+    assert wb.extra.layout.width == 900 and len(wb.extra.data) == len(PAIRS)
+    wb.inspector.plot_width = 380  # the page narrowed: the inspector moved below
+    assert wb.heatmap.layout.width == 380

@@ -202,11 +202,7 @@ def test_sites_tab_of_an_all_pairs_run_sweeps_every_pair(ioi):
     wb = fake_workbench(ioi, pairs)
     panel = workbench_tabs.add_all(wb)["Sites"]
     first = wb.controller.pairs[0]
-    # the settings of an "all pairs (mean)" run, as the v2 controller gives them
-    wb.controller.settings = SimpleNamespace(**dataclasses.asdict(Settings(first["clean"], first["corrupt"],
-                                             first["answer"], first["wrong"])), direction="denoise", all_pairs=True)
-    wb.controller.result = nnpatch.activation_patching(ioi, pairs, site="resid_pre", progress=False)
-    panel.ran()
+    run(wb, Settings(first["clean"], first["corrupt"], first["answer"], first["wrong"], all_pairs=True))
     assert panel.last_error is None and "mean of 3 pairs" in panel.note.value
     assert panel.view["resid_pre"] is wb.controller.result
     api = nnpatch.activation_patching(ioi, pairs, site="mlp_out", progress=False)

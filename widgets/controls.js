@@ -86,7 +86,8 @@ function render({ model, el }) {
   // -- pairs ----------------------------------------------------------------------------------
   const pairSelect = h("select", { class: "nnp-pair", "data-testid": "pair-picker",
                                    title: "a ready-made experiment; \"all pairs (mean)\" sweeps every pair and shows the mean" });
-  const pairRow = h("div", { class: "nnp-row" }, h("label", {}, "Example"), pairSelect);
+  const allPairsHint = h("span", { class: "nnp-hint nnp-all-pairs-hint", "data-testid": "all-pairs-hint" });
+  const pairRow = h("div", { class: "nnp-row" }, h("label", {}, "Example"), pairSelect, allPairsHint);
   pairSelect.addEventListener("change", () => {
     // An example replaces every field: edits still waiting to be written would undo it.
     timers.forEach((id) => clearTimeout(id));
@@ -102,6 +103,8 @@ function render({ model, el }) {
       ...pairs.map((label, i) => h("option", { value: String(i) }, label)),
     );
     pairSelect.value = String(model.get("pair"));
+    allPairsHint.textContent = model.get("pair") === -2
+      ? `every pair runs, each with its own answer and wrong token; the fields below show pair 1` : "";
   });
 
   // -- prompts ----------------------------------------------------------------------------------

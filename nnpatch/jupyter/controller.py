@@ -28,7 +28,7 @@ import difflib
 import inspect as _inspect
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -41,7 +41,7 @@ from ..patching import METRICS, activation_patching, patch_cells
 from ..patching.pairs import pair_dicts
 from ..patching.sites import sites
 from . import heatmap
-from .runs import History, Progress, Run, spread
+from .runs import History, Progress, Run, as_grid, spread
 from .workbench_inputs import TOP_K, Inputs, Preview, Token, top
 
 Cell = tuple[int, ...]  # indices along the result's dims: (layer, pos), (layer, head) or (layer, head, pos)
@@ -128,8 +128,7 @@ class WorkbenchController:
     def metric_names(self) -> list[str]:
         return _metric_names()
 
-    def predictions(self, prompt: str) -> list[tuple[str, float]]:
-        """The model's top-k next tokens after `prompt`, with probabilities."""
+    def predictions(self, prompt: str) -> list[tuple[str, float]]:  # top-k next tokens, with probabilities
         return self.inputs_help.predictions(prompt)
 
     def suggest(self, clean: str, corrupt: str) -> tuple[str, str]:
@@ -165,7 +164,15 @@ class WorkbenchController:
     @property
     def stale(self) -> bool:
         """The inputs on screen differ from the shown run's: its numbers are not theirs."""
-        return self.inputs is not None and self.settings is not None and self.inputs != self.settings
+        return self.inputs is not None and self.settings is not None and self._used(self.inputs) != self._used(self.settings)
+
+    def _used(self, s: Settings) -> Settings:
+        """`s` without the fields its run ignores: with all pairs, the prompt fields (they show
+        pair 1) and the tokens every pair has its own of."""
+        if not s.all_pairs:
+            return s
+        own = {name: "" for name in ("answer", "wrong") if all(p[name] for p in self.pairs)}
+        return replace(s, clean="", corrupt="", **own)
 
     # -- the heatmap -------------------------------------------------------------------------------
     def run(self, settings: Settings, progress: Callable[[int, int], None] | None = None):
@@ -254,7 +261,7 @@ class WorkbenchController:
         if not run.per_pair:
             raise NNPatchError("per-pair views need a run over all pairs: pick \"all pairs (mean)\" and Run")
         titles = [f"pair {i + 1}" for i in range(len(run.per_pair))]
-        return _compare(run.per_pair, titles, self.theme)
+        return as_grid(_compare(run.per_pair, titles, self.theme), len(run.per_pair))
 
     # -- cells -------------------------------------------------------------------------------------
     def inspect(self, cell: Cell) -> Outcome:
@@ -406,8 +413,7 @@ class WorkbenchController:
         return self.result
 
     def _result_settings(self) -> Settings:
-        self._result()
-        return self.settings
+        return self._run().settings
 
 
 # -- the public API this controller calls (one place, so the generated code matches it) -----------
@@ -476,9 +482,8 @@ def _as_language_model(model) -> LanguageModel:
                            f"local folder, got {type(model).__name__}")
 
 
-def _describe(s: Settings) -> str:
-    what = "all pairs" if s.all_pairs else repr(s.clean[-24:])
-    return f"{s.site} by {' × '.join(s.by)}, {s.metric}, {what}"
+def _describe(s: Settings) -> str:  # a run in a few words, for a subplot title
+    return f"{s.site} by {'×'.join(d[0].upper() for d in s.by)}, {'all pairs' if s.all_pairs else 'one pair'}"
 
 
 def _rows(values: torch.Tensor) -> list[list[float]]:

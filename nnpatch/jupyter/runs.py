@@ -115,3 +115,26 @@ class Progress:
             fraction = done / total if total else 1.0
             self.report(round(1000 * (i + fraction)), 1000 * self.parts)
         return report
+
+
+def as_grid(fig, n: int, cols: int = 4, row_height: int = 260):
+    """Re-lay a one-row figure of `n` subplots (`heatmap.compare`) as rows of `cols`, so that
+    many small heatmaps stay readable: each subplot's axes get a cell of the grid and its title
+    follows it."""
+    rows = -(-n // cols)
+    if rows <= 1:
+        return fig
+    height = rows * row_height + 80
+    below, above, gap_x = 110 / height, 30 / height, 0.04  # room for position ticks, and for the title
+    titles = list(fig.layout.annotations or ())
+    for k in range(n):
+        row, col = divmod(k, cols)
+        x = [col / cols + gap_x / 2, (col + 1) / cols - gap_x / 2]
+        y = [1 - (row + 1) / rows + below, 1 - row / rows - above]
+        suffix = "" if k == 0 else str(k + 1)
+        fig.layout[f"xaxis{suffix}"].update(domain=x, title_text=None if row < rows - 1 else fig.layout[f"xaxis{suffix}"].title.text)
+        fig.layout[f"yaxis{suffix}"].update(domain=y, title_text=None if col else fig.layout[f"yaxis{suffix}"].title.text)
+        if k < len(titles):
+            titles[k].update(x=sum(x) / 2, y=y[1], xanchor="center", yanchor="bottom")
+    fig.update_layout(height=height)
+    return fig

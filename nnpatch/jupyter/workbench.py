@@ -32,6 +32,8 @@ import traitlets as t
 
 from ..errors import NNPatchError
 from . import heatmap as _heatmap
+from . import workbench_tabs
+from .circuit_panel import CircuitPanel
 from .controller import DIRECTIONS, GRANULARITIES, Settings, WorkbenchController
 
 _ASSETS = importlib.resources.files("nnpatch.widgets")
@@ -149,7 +151,11 @@ class Workbench(ipywidgets.VBox):
 
         if self.controller.pairs:
             self.controls.pair = 0
-        self._on_granularity()  # last, so that a model without standard sites says so at once
+        self._on_granularity()  # so that a model without standard sites says so at once
+        self.extra_tabs = workbench_tabs.add_all(self)  # Head, Logit lens, Noise, Sites
+        if self.controller.pairs:
+            self.circuit = CircuitPanel(self.controller.model, self.controller.pairs)
+            self.add_tab("Circuit", self.circuit)
 
     # -- extension points ------------------------------------------------------------------------
     def add_tab(self, title: str, widget) -> None:
@@ -305,18 +311,18 @@ class Workbench(ipywidgets.VBox):
     def _show_run(self):
         ctl, c, i = self.controller, self.controls, self.inspector
         run = ctl.history.current
+        # The summary changes last: a page that waits for it finds everything else already new.
+        i.ready, i.detail, i.selection, i.combined, i.code, i.message = True, {}, [], {}, "", ""
         self._show_heatmap(new=True)
         self._show_extra(None, "")
+        c.stale = i.stale = ctl.stale
+        for box in (self._heatmap_box, self._extra_box):
+            box.remove_class("nnp-stale")
         result = run.result
         c.summary = _json_safe({"clean_score": float(result.clean_score), "corrupt_score": float(result.corrupt_score),
                                 "cells": int(result.values.numel()), "seconds": run.seconds, "metric": run.settings.metric,
                                 "pairs": len(run.per_pair) or 1, "probs": ctl.probabilities(run.settings),
                                 "answer": run.settings.answer, "wrong": run.settings.wrong})
-        c.stale = i.stale = ctl.stale
-        for box in (self._heatmap_box, self._extra_box):
-            box.remove_class("nnp-stale")
-        i.ready, i.detail, i.selection, i.combined, i.code, i.message = True, {}, [], {}, "", ""
-        self._show_history()
 
     def _show_history(self, extra: str = ""):
         h = self.controller.history

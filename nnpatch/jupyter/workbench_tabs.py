@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import ipywidgets
 import plotly.graph_objects as go
+import torch
 
 from ..errors import NNPatchError, NNPatchValueError
 from ..patching import activation_patching
@@ -280,7 +281,9 @@ class NoisePanel(_Panel):
         explain = ipywidgets.HTML(DENOISE_NOTE)
         super().__init__(controller, [explain, ipywidgets.HBox([self.subject, self.scale]),
                                       ipywidgets.HBox([self.mode, self.button]), self.figure])
-        self.scale.value = round(_default_noise(controller.model), 4)
+        default = _default_noise(controller.model)
+        if default is not None:  # a model without input embeddings gets noise_patching's error on Run
+            self.scale.value = round(default, 4)
         self.note.value = "Run the heatmap first; then Run noise compares noise on the subject with it."
 
     def ran(self) -> None:
@@ -369,8 +372,11 @@ def _positions(text: str) -> list[int]:
     return positions
 
 
-def _default_noise(model) -> float:
-    embed = model.module.get_input_embeddings()
+def _default_noise(model) -> float | None:
+    get = getattr(model.module, "get_input_embeddings", None)
+    embed = get() if callable(get) else None
+    if embed is None or not isinstance(getattr(embed, "weight", None), torch.Tensor):
+        return None
     return NOISE_STDS * float(embed.weight.detach().float().std())
 
 
