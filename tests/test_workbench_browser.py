@@ -32,20 +32,12 @@ import torch
 import nnpatch
 
 ROOT = Path(__file__).resolve().parents[1]
-# The workbench on the bundled ioi model, with the Head, Logit lens, Noise, Sites and Circuit tabs
-# (added here while the Workbench does not add them itself).
+# The workbench on the bundled ioi model; its tabs: Patching, Head, Logit lens, Noise, Sites, Circuit.
 WORKBENCH = """import nnpatch
-from nnpatch.jupyter import workbench_tabs
-from nnpatch.jupyter.circuit_panel import CircuitPanel
 
 model = nnpatch.models.load("ioi")
 pairs = nnpatch.tasks.ioi(4, seed=1, template=0)
 wb = nnpatch.Workbench(model, pairs=pairs)
-titles = {wb.tabs.get_title(i) for i in range(len(wb.tabs.children))}
-if "Head" not in titles:
-    workbench_tabs.add_all(wb)
-if "Circuit" not in titles:
-    wb.add_tab("Circuit", CircuitPanel(model, pairs))
 wb"""
 PAIRS = nnpatch.tasks.ioi(4, seed=1, template=0)
 SCREENSHOTS = ROOT / "out" / "screenshots"
@@ -207,6 +199,19 @@ def wait_for_widget(page):
         pytest.fail(f"the workbench did not render{hint}:\n{output[-2000:]}")
 
 
+HEATMAP_SETTLED = """() => {
+  const plot = document.querySelector(".nnpatch-workbench .js-plotly-plot");
+  return !!plot && !!plot._fullLayout && Math.abs(plot._fullLayout.width - plot.parentElement.clientWidth) <= 2;
+}"""
+
+
+def wait_for_heatmap(page):
+    """The heatmap drawn at its box's width: the page measures the box and Python redraws the
+    figure that wide, so a cell's place on the page is known only once the two agree."""
+    page.wait_for_selector(".nnpatch-workbench .js-plotly-plot .nsewdrag")
+    page.wait_for_function(HEATMAP_SETTLED)
+
+
 def click_cell(page, cell, shift=False):
     x, y = page.evaluate(CELL_XY, list(cell))
     page.mouse.move(x, y)
@@ -291,7 +296,7 @@ def test_workbench_in_jupyterlab(page, model):
 
     # Run: the heatmap and the scores are the API's.
     page.click(".nnp-controls .nnp-run")
-    page.wait_for_selector(".nnpatch-workbench .js-plotly-plot .nsewdrag")
+    wait_for_heatmap(page)
     page.wait_for_selector(".nnp-summary .nnp-clean_score")
     assert_close(shown(page, ".nnp-summary .nnp-clean_score"), result.clean_score)
     assert_close(shown(page, ".nnp-summary .nnp-corrupt_score"), result.corrupt_score)
@@ -397,6 +402,7 @@ def fresh_run(page, pair: str = "0", granularity: str = "layer × pos"):
     run_app(page)
     assert page.locator("[data-testid=stale-banner]").is_hidden()
     page.locator(".nnpatch-workbench").scroll_into_view_if_needed()
+    wait_for_heatmap(page)
 
 
 def plot_data(page, root: str):
