@@ -38,6 +38,8 @@ def test_graph_draws_each_kept_edge_with_its_score(ioi):
     top_edge = circuit.edges_table()[0]
     assert widest.line.color.startswith("rgba(200" if top_edge["score"] < 0 else "rgba(40")
     assert fig.layout.yaxis.autorange == "reversed" and "sendDataToCloud" in fig.layout.modebar.remove
+    lo, hi = fig.layout.xaxis.range  # every head column and the MLPs' are on screen, used or not
+    assert lo < 0 and hi > 4 and list(fig.layout.xaxis.ticktext) == ["h0", "h1", "h2", "h3", "MLP"]
 
 
 def test_heads_heatmap_is_the_path_patching_grid(ioi):

@@ -86,7 +86,7 @@ def graph(circuit: Circuit, *, title: str | None = None, height: int | None = No
         title=title or f"circuit: {len(circuit)} edges, {len(nodes)} nodes ({circuit.method or 'scores'}, {circuit.metric})",
         height=height or 140 + 90 * (n_layers + 2),
         xaxis={"tickvals": list(range(n_heads)) + [n_heads], "ticktext": [f"h{h}" for h in range(n_heads)] + ["MLP"],
-               "showgrid": False, "zeroline": False},
+               "range": [-0.6, n_heads + 0.6], "showgrid": False, "zeroline": False},  # every column, used or not
         yaxis={"autorange": "reversed", "tickvals": list(range(-1, n_layers + 1)),
                "ticktext": ["input"] + [f"layer {i}" for i in range(n_layers)] + ["logits"],
                "showgrid": False, "zeroline": False})
