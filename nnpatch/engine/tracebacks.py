@@ -24,7 +24,7 @@ def user_frames(tb, user_file: str):
     entered again."""
     kept = []
     in_engine = False
-    for entry in _entries(tb):
+    for entry in entries(tb):
         filename = entry.tb_frame.f_code.co_filename
         if filename == user_file:
             in_engine = False
@@ -39,17 +39,17 @@ def user_frames(tb, user_file: str):
 def cell_frames(tb, filename: str):
     """The traceback from a generated cell's own code on (`filename` names the cell): no frames
     of nnpatch, and none of the generated lines that only lead into where the error happened."""
-    entries = [e for e in _entries(tb) if not e.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)]
-    cell = [i for i, e in enumerate(entries)
+    kept = [e for e in entries(tb) if not e.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)]
+    cell = [i for i, e in enumerate(kept)
             if e.tb_frame.f_code.co_filename == filename and e.tb_frame.f_code.co_name == "<module>"]
     if cell:
-        entries = entries[cell[-1]:]
-    return _chain(entries)
+        kept = kept[cell[-1]:]
+    return _chain(kept)
 
 
 def without_hidden(tb):
     """`tb` without the frames of the code objects in HIDDEN."""
-    return _chain([entry for entry in _entries(tb) if entry.tb_frame.f_code not in HIDDEN])
+    return _chain([entry for entry in entries(tb) if entry.tb_frame.f_code not in HIDDEN])
 
 
 def drop_context(e: BaseException, kind: type) -> None:
@@ -86,7 +86,8 @@ def install() -> None:
         sys.excepthook = _ExceptHook(sys.excepthook)
 
 
-def _entries(tb) -> list:
+def entries(tb) -> list:
+    """The traceback's entries, outermost first."""
     entries = []
     while tb is not None:
         entries.append(tb)

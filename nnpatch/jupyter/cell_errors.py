@@ -18,7 +18,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine.tracebacks import cell_frames
+from ..engine.tracebacks import cell_frames, entries
 from ..errors import NNPatchValueError
 
 # PyTorch's words for a write whose value does not fit: (the selection's shape, the value's shape)
@@ -58,7 +58,7 @@ class Cell:
     def _show_as_cell(self, e: BaseException, tb) -> None:
         name = self.shell.compile.cache(self.text, self.shell.execution_count, raw_code=self.text)
         shown = None
-        for entry in reversed(_entries(tb)):
+        for entry in reversed(entries(tb)):
             if entry.tb_frame.f_code.co_filename == self.filename:
                 shown = _at_line(name, self.to_cell_line(entry.tb_lineno), shown)
             else:
@@ -79,7 +79,7 @@ class Cell:
         `.input[...]`."""
         if not isinstance(e, RuntimeError) or tb is None:
             return None
-        last = _entries(tb)[-1]
+        last = entries(tb)[-1]
         if last.tb_frame.f_code.co_filename != self.filename:
             return None  # raised deeper down, not by the cell's own statement
         target = self._written_module_value(self.to_cell_line(last.tb_lineno))
@@ -162,11 +162,3 @@ def _at_line(filename: str, line: int, tb_next):
 
 class _Marker(Exception):
     pass
-
-
-def _entries(tb) -> list:
-    out = []
-    while tb is not None:
-        out.append(tb)
-        tb = tb.tb_next
-    return out
