@@ -158,6 +158,60 @@ def test_figures_follow_the_container_width():
         assert 300 <= fig.layout.height <= 1200
 
 
+def every_nnpatch_figure(theme=None):
+    """One of each kind of figure nnpatch draws, with a title where the kind has one."""
+    from nnpatch.jupyter import inspect_plots
+    from nnpatch.jupyter.runs import as_grid
+    model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(4, template=0)
+    a, b = result("prob"), result("prob", raw=RAW * 0.5)
+    yield "plot", heatmap.plot(a, theme=theme)
+    yield "compare", heatmap.compare([a, b], theme=theme)
+    yield "scatter", heatmap.scatter(a, b, theme=theme)
+    yield "pairs", as_grid(heatmap.compare([a, b] * 3, theme=theme), 6)
+    pattern = nnpatch.attention_pattern(model, pairs.clean[0], 2, 1)
+    yield "attention", inspect_plots.attention([pattern, pattern], theme=theme)
+    yield "logit_attribution", inspect_plots.logit_attribution(torch.randn(4, 4), theme=theme)
+    yield "logit_lens", inspect_plots.logit_lens(nnpatch.logit_lens(model, pairs.clean[0]), theme=theme)
+    yield "graph", circuit_plot.graph(nnpatch.edge_attribution(model, pairs).top(10), theme=theme)
+    yield "heads", circuit_plot.heads(nnpatch.path_patching(model, pairs, receivers=["a3.h0<q>"]), theme=theme)
+
+
+@pytest.mark.parametrize("theme", [None, "none"])  # "none": plotly's template that sets no automargin
+def test_every_figure_keeps_its_labels_inside_and_its_title_below_the_modebar(theme):
+    """Rotated position labels reach left and down past the plot: every axis pushes the margins
+    to hold its labels. The modebar's buttons sit at the figure's top right: the title hangs
+    below them (and pushes the top margin down for itself), whatever the width."""
+    for name, fig in every_nnpatch_figure(theme):
+        axes = [k for k in fig.layout if re.fullmatch(r"[xy]axis\d*", k)]
+        assert {"xaxis", "yaxis"} <= set(axes), name
+        for k in axes:
+            assert fig.layout[k].automargin is True, (name, k)
+        title = fig.layout.title
+        assert (title.yref, title.y, title.yanchor, title.automargin) == ("container", 1, "top", True), name
+        assert title.pad.t == figures.MODEBAR_PX >= 30, name
+        if name not in ("compare", "pairs", "attention", "logit_lens"):  # those title each subplot instead
+            assert title.text, name
+
+
+def test_small_multiples_label_few_positions_upright():
+    """Each pair's small heatmap labels at most GRID_TICKS positions, the last always, written
+    downwards (slanted ones run under the left neighbour's); a lone heatmap keeps its labels."""
+    from nnpatch.jupyter import runs
+    tokens = [f" t{i}" for i in range(14)]
+    r = PatchingResult(torch.randn(2, 14), ("layer", "pos"), {"pos": tokens}, 2.0, 0.5)
+    for n in (2, 6):
+        fig = runs.as_grid(heatmap.compare([r] * n), n)
+        for k in range(n):
+            x = fig.layout[f"xaxis{k + 1 if k else ''}"]
+            assert list(x.tickvals) == [0, 3, 6, 9, 13] and x.tickangle == 90, (n, k)  # not 12 beside 13
+            assert list(x.ticktext) == [f"' t{i}' {i}" for i in x.tickvals]
+    lone = runs.as_grid(heatmap.compare([r]), 1).layout.xaxis
+    assert list(lone.tickvals) == list(range(14)) and lone.tickangle == -45
+    heads = PatchingResult(torch.randn(2, 3), ("layer", "head"), {"head": [0, 1, 2]}, 2.0, 0.5)
+    x = runs.as_grid(heatmap.compare([heads] * 2), 2).layout.xaxis2
+    assert list(x.ticktext) == ["H0", "H1", "H2"] and x.tickangle == 0  # upright already
+
+
 def test_circuit_figures_use_the_same_scale_and_display():
     model, pairs = nnpatch.models.load("ioi"), nnpatch.tasks.ioi(4, template=0)
     pp = nnpatch.path_patching(model, pairs, receivers=["a3.h0<q>", "a3.h1<q>"])

@@ -563,14 +563,18 @@ BOXES = """() => {
   const app = document.querySelector(".nnpatch-workbench"), plot = document.querySelector(".nnpatch-workbench .js-plotly-plot");
   return {app: rect(".nnpatch-workbench"), appOverflow: app.scrollWidth - app.clientWidth,
           output: rect(".jp-OutputArea-output:has(.nnpatch-workbench)"), heatmapBox: rect("%s"),
-          plot: plot.querySelector(".main-svg").getBoundingClientRect().toJSON(), inspector: rect("%s"), plotWidth: plot._fullLayout.width};
+          plot: plot.querySelector(".main-svg").getBoundingClientRect().toJSON(), inspector: rect("%s"), plotWidth: plot._fullLayout.width,
+          firstTick: plot.querySelector(".xtick text").getBoundingClientRect().toJSON(),
+          title: plot.querySelector(".gtitle").getBoundingClientRect().toJSON(),
+          modebar: plot.querySelector(".modebar").getBoundingClientRect().toJSON()};
 }""" % (HEATMAP_BOX, INSPECTOR_BOX)
 
 
 @pytest.mark.parametrize("width, height, beside", [(1280, 800, True), (800, 900, False)])
 def test_layout(page, width, height, beside):
     """At 1280 x 800 the inspector sits beside the heatmap, at 800 x 900 below it; the app never
-    overflows sideways and the heatmap stays inside its box."""
+    overflows sideways, the heatmap stays inside its box, its first position label inside the
+    figure and its title clear of the modebar."""
     fresh_run(page, "0")
     click_cell(page, INSPECT)
     page.wait_for_selector(f".nnp-detail .nnp-title[data-cell='{cell_attr(INSPECT)}']")
@@ -587,12 +591,17 @@ def test_layout(page, width, height, beside):
           const placed = "{where}" === "beside"
             ? b.inspector.left >= b.heatmapBox.right - 1 && b.inspector.top < b.heatmapBox.bottom
             : b.inspector.top >= b.heatmapBox.bottom - 1;
-          return fits && inside && placed;
+          // No tick label leaves the figure (rotated position labels reach left and down), and the
+          // modebar's buttons (drawn on hover) never cover the title.
+          const t = b.firstTick, labelled = b.plot.left <= t.left && t.right <= b.plot.right && t.bottom <= b.plot.bottom;
+          const m = b.modebar, clear = b.title.top >= m.bottom || b.title.right <= m.left;
+          return fits && inside && placed && labelled && clear;
         }}"""
         try:
             page.wait_for_function(settled, timeout=20_000)
         except Exception:
-            pytest.fail(f"at {width} x {height}: no overflow, heatmap inside its box, inspector {where} it: "
+            pytest.fail(f"at {width} x {height}: no overflow, heatmap inside its box, inspector {where} it, "
+                        "first tick label inside the figure, title clear of the modebar: "
                         f"{page.evaluate(BOXES)}")
         page.locator(".nnpatch-workbench").screenshot(path=str(SCREENSHOTS / f"workbench-{width}.png"))
     finally:

@@ -11,6 +11,8 @@ For a `FigureWidget`, set `widget._config = CONFIG`.
     >>> fig = figures.finish(go.Figure(go.Bar(y=[1, 3])), theme="dark")   # what every nnpatch figure gets
     >>> isinstance(fig, figures.Figure), fig.layout.modebar.remove, fig.layout.autosize
     (True, ('sendDataToCloud',), True)
+    >>> fig.layout.title.pad.t == figures.MODEBAR_PX, fig.layout.xaxis.automargin
+    (True, True)
     >>> figures.CONFIG["displaylogo"]
     False
 """
@@ -31,6 +33,13 @@ from ..errors import NNPatchValueError
 CONFIG = {"displaylogo": False, "showSendToCloud": False, "modeBarButtonsToRemove": ["sendDataToCloud"]}
 """plotly's display config of every nnpatch figure: no plotly logo, no button that sends data away."""
 NO_CLOUD = {"remove": ["sendDataToCloud"]}  # the same in the layout, which a FigureWidget keeps too
+MODEBAR_PX = 32
+"""The height of plotly's modebar (its buttons at the figure's top right): a figure's title
+starts below it, so that the buttons never cover the title in a narrow container."""
+# The title hangs from the container's top, below the modebar, and pushes the top margin down
+# to make room for itself; every axis pushes its margins for its tick labels (rotated position
+# labels would otherwise leave the figure at the left or bottom).
+_TITLE = {"yref": "container", "y": 1, "yanchor": "top", "pad": {"t": MODEBAR_PX}, "automargin": True}
 THEMES = ("auto", "light", "dark")
 _CLEAR = "rgba(0,0,0,0)"  # transparent: the page's own background shows through
 _theme = {"name": "auto"}
@@ -63,9 +72,11 @@ class Figure(go.Figure):
 
 def finish(fig: go.Figure, theme: str | go.layout.Template | None) -> Figure:
     """`fig` as an nnpatch `Figure`: the theme's template, the width of its container, no cloud
-    button."""
+    button, its title below the modebar and margins that hold every tick label."""
     fig = fig if isinstance(fig, Figure) else Figure(fig)
-    fig.update_layout(template=template(theme), autosize=True, width=None, modebar=NO_CLOUD)
+    fig.update_layout(template=template(theme), autosize=True, width=None, modebar=NO_CLOUD, title=_TITLE)
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 

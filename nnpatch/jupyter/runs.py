@@ -120,8 +120,11 @@ class Progress:
 def as_grid(fig, n: int, cols: int = 4, row_height: int = 260):
     """Re-lay a one-row figure of `n` subplots (`heatmap.compare`) as rows of `cols`, so that
     many small heatmaps stay readable: each subplot's axes get a cell of the grid and its title
-    follows it."""
+    follows it, and its position labels thin out and stand upright (slanted ones would run into
+    the neighbouring heatmap's)."""
     rows = -(-n // cols)
+    for k in range(n if n > 1 else 0):
+        _upright_ticks(fig.layout[f"xaxis{'' if k == 0 else k + 1}"])
     if rows <= 1:
         return fig
     height = rows * row_height + 80
@@ -138,3 +141,21 @@ def as_grid(fig, n: int, cols: int = 4, row_height: int = 260):
             titles[k].update(x=sum(x) / 2, y=y[1], xanchor="center", yanchor="bottom")
     fig.update_layout(height=height)
     return fig
+
+
+GRID_TICKS = 5
+"""The most labelled positions of one small heatmap in `as_grid` (the last one always is)."""
+
+
+def _upright_ticks(axis) -> None:
+    """A small heatmap's position labels: at most GRID_TICKS, written downwards. Labels slanted
+    at -45 degrees reach left past the heatmap, under the labels of its left neighbour."""
+    values, text = list(axis.tickvals or ()), list(axis.ticktext or ())
+    if len(values) > GRID_TICKS:
+        k = -(-len(values) // GRID_TICKS)
+        keep = list(range(0, len(values) - 1, k))
+        if len(values) - 1 - keep[-1] <= k / 2 and len(keep) > 1:
+            keep.pop()  # too close to the last label, which always shows (the prediction's position)
+        keep.append(len(values) - 1)
+        values, text = [values[i] for i in keep], [text[i] for i in keep]
+    axis.update(tickvals=values, ticktext=text, tickfont_size=10, tickangle=90 if axis.tickangle else axis.tickangle)
