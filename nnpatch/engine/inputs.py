@@ -217,8 +217,12 @@ def check_prompts(prompts: Prompts, *, vocab_size: int | None, context: tuple[in
     which input it was; `context` is (limit, the config field it comes from)."""
     ids = prompts.ids
     if vocab_size is not None and ids.numel():
-        lo, hi = torch.aminmax(ids)  # one pass; the offending id is looked for only when there is one
-        if int(lo) < 0 or int(hi) >= vocab_size:
+        if ids.numel() <= 4096:  # a prompt or a few: one call into torch, then Python ints
+            flat = ids.reshape(-1).tolist()
+            lo, hi = min(flat), max(flat)
+        else:
+            lo, hi = (int(x) for x in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:  # the offending id is looked for only when there is one
             bad = (ids < 0) | (ids >= vocab_size)
             row, pos = bad.nonzero()[0].tolist()
             raise NNPatchValueError(
