@@ -428,3 +428,19 @@ def test_answer_tokens_must_be_one_token():
             token_id(tok, value, what="answer", vocab_size=VOCAB)
         for w in words:
             assert w in str(e.value), (value, str(e.value))
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (3, 5), (8, 600)])  # 8 x 600 ids: over the small-block path
+def test_check_prompts_finds_out_of_vocabulary_ids_in_small_and_large_blocks(shape):
+    from nnpatch.engine.inputs import Prompts, check_prompts
+    vocab = 50
+    ok = torch.randint(0, vocab, shape)
+    ok[0, 0], ok[-1, -1] = 0, vocab - 1  # the first and last ids of the vocabulary are fine
+    check_prompts(Prompts(ok), vocab_size=vocab, context=None)
+    for bad_id, (row, pos) in [(vocab, (shape[0] - 1, shape[1] - 1)), (-1, (0, 0)), (vocab + 7, (shape[0] // 2, 1))]:
+        ids = ok.clone()
+        ids[row, pos] = bad_id
+        # the reference: the first offending position in row-major order
+        want = ((ids < 0) | (ids >= vocab)).nonzero()[0].tolist()
+        with pytest.raises(NNPatchValueError, match=rf"token id {bad_id} at position {want[1]} is outside"):
+            check_prompts(Prompts(ids), vocab_size=vocab, context=None)

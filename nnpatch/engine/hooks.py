@@ -15,6 +15,7 @@ import weakref
 from typing import Callable, Iterable
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import NNPatchAttributeError
 
@@ -81,12 +82,35 @@ def _interrupts_held():
         raise KeyboardInterrupt
 
 
-def attach(module: torch.nn.Module, kind: str, fn: Callable):
+def attach(module: torch.nn.Module, kind: str, fn: Callable) -> "_Handle":
+    """Register `fn` as `kind` hook of `module` (with kwargs), as `register_forward_hook` /
+    `register_forward_pre_hook(..., with_kwargs=True)` would, without building PyTorch's
+    RemovableHandle (weak references to three dicts): a trace attaches one per module it reads.
+    The id comes from RemovableHandle's counter, so it never collides with PyTorch's own."""
     if kind == "input":
-        return module.register_forward_pre_hook(fn, with_kwargs=True)
-    if kind == "output":
-        return module.register_forward_hook(fn, with_kwargs=True)
-    raise ValueError(f"hook kind must be 'input' or 'output', got {kind!r}")
+        hooks, kwargs = module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs
+    elif kind == "output":
+        hooks, kwargs = module._forward_hooks, module._forward_hooks_with_kwargs
+    else:
+        raise ValueError(f"hook kind must be 'input' or 'output', got {kind!r}")
+    key = RemovableHandle.next_id
+    RemovableHandle.next_id = key + 1
+    hooks[key] = fn
+    kwargs[key] = True
+    return _Handle(hooks, kwargs, key)
+
+
+class _Handle:
+    """Removes one hook that `attach` registered (idempotent, like RemovableHandle.remove)."""
+
+    __slots__ = ("hooks", "kwargs", "key")
+
+    def __init__(self, hooks: dict, kwargs: dict, key: int):
+        self.hooks, self.kwargs, self.key = hooks, kwargs, key
+
+    def remove(self) -> None:
+        self.hooks.pop(self.key, None)
+        self.kwargs.pop(self.key, None)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()

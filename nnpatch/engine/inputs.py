@@ -216,9 +216,14 @@ def check_prompts(prompts: Prompts, *, vocab_size: int | None, context: tuple[in
     that names the prompt, the id or length, and the limit. `where` (e.g. " (invoke 2)") says
     which input it was; `context` is (limit, the config field it comes from)."""
     ids = prompts.ids
-    if vocab_size is not None:
-        bad = (ids < 0) | (ids >= vocab_size)
-        if bool(bad.any()):
+    if vocab_size is not None and ids.numel():
+        if ids.numel() <= 4096:  # a prompt or a few: one call into torch, then Python ints
+            flat = ids.reshape(-1).tolist()
+            lo, hi = min(flat), max(flat)
+        else:
+            lo, hi = (int(x) for x in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:  # the offending id is looked for only when there is one
+            bad = (ids < 0) | (ids >= vocab_size)
             row, pos = bad.nonzero()[0].tolist()
             raise NNPatchValueError(
                 f"{prompts.name(row)}{where}: token id {int(ids[row, pos])} at position {pos} is outside "
