@@ -39,7 +39,9 @@ starts below it, so that the buttons never cover the title in a narrow container
 # The title hangs from the container's top, below the modebar, and pushes the top margin down
 # to make room for itself; every axis pushes its margins for its tick labels (rotated position
 # labels would otherwise leave the figure at the left or bottom).
-_TITLE = {"yref": "container", "y": 1, "yanchor": "top", "pad": {"t": MODEBAR_PX}, "automargin": True}
+_TITLE = {"yref": "container", "y": 1, "yanchor": "top", "pad": {"t": MODEBAR_PX}}
+if "automargin" in go.layout.Title()._valid_props:  # plotly >= 5.14; before it, the default top margin holds one line
+    _TITLE["automargin"] = True
 THEMES = ("auto", "light", "dark")
 _CLEAR = "rgba(0,0,0,0)"  # transparent: the page's own background shows through
 _theme = {"name": "auto"}
