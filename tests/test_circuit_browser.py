@@ -12,7 +12,7 @@ import pytest
 
 import nnpatch
 from test_workbench_browser import PAIRS as WORKBENCH_PAIRS
-from test_workbench_browser import SCREENSHOTS, TAB_PANEL, WORKBENCH, lab, show_tab, write_notebook  # noqa: F401
+from test_workbench_browser import SCREENSHOTS, TAB_PANEL, WORKBENCH, lab, show_tab, shown_on_failure, write_notebook  # noqa: F401
 
 PAIRS = nnpatch.tasks.ioi(4, template=0)
 PANEL = ("import nnpatch\nfrom nnpatch.jupyter.circuit_panel import CircuitPanel\n\n"
@@ -46,11 +46,7 @@ def circuit_page(lab):
 
 @pytest.fixture
 def page(circuit_page, request):
-    failed = request.session.testsfailed
-    yield circuit_page
-    if request.session.testsfailed > failed:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        circuit_page.screenshot(path=str(SCREENSHOTS / f"failure-{request.node.name}.png"), full_page=True)
+    yield from shown_on_failure(circuit_page, request)
 
 
 def api_scores(model, pairs):

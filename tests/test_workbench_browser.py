@@ -262,14 +262,19 @@ def wb_page(lab):
         yield page
 
 
+def shown_on_failure(page, request):
+    """Yield `page` to one test; when the test fails, keep a screenshot of it."""
+    failed = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"failure-{request.node.name}.png"), full_page=True)
+
+
 @pytest.fixture
 def page(wb_page, request):
     """The workbench page; a screenshot of it when the test fails."""
-    failed = request.session.testsfailed
-    yield wb_page
-    if request.session.testsfailed > failed:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        wb_page.screenshot(path=str(SCREENSHOTS / f"failure-{request.node.name}.png"))
+    yield from shown_on_failure(wb_page, request)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import difflib
-import inspect as _inspect
 import os
 import time
 from dataclasses import dataclass, replace
@@ -445,15 +444,12 @@ def _columns(pairs: list[dict]):
 
 
 def _plot(result, theme: str):
-    """`heatmap.plot`, in the dark theme where it can draw one."""
-    if theme == "dark" and "theme" in _inspect.signature(heatmap.plot).parameters:
-        return heatmap.plot(result, theme="dark")
-    return heatmap.plot(result)
+    """`heatmap.plot` in the page's dark theme, else in nnpatch's chosen one (`set_theme`)."""
+    return heatmap.plot(result, theme="dark" if theme == "dark" else None)
 
 
 def _compare(results, titles, theme: str):
-    kwargs = {"theme": "dark"} if theme == "dark" and "theme" in _inspect.signature(heatmap.compare).parameters else {}
-    fig = heatmap.compare(results, titles=titles, **kwargs)
+    fig = heatmap.compare(results, titles=titles, theme="dark" if theme == "dark" else None)
     fig.update_layout(width=None, autosize=True)
     return fig
 

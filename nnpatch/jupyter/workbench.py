@@ -450,9 +450,7 @@ class Workbench(ipywidgets.VBox):
 
 def _config() -> dict:
     """The figures' plotly config: resize with the page; no logo or cloud buttons."""
-    base = dict(getattr(_heatmap, "CONFIG", None) or {"displaylogo": False,
-                                                      "modeBarButtonsToRemove": ["sendDataToCloud"]})
-    return {**base, "responsive": True}
+    return {**_heatmap.CONFIG, "responsive": True}
 
 
 def _json_safe(value):

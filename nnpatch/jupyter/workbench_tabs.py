@@ -19,17 +19,18 @@
 """
 from __future__ import annotations
 
+import functools
+import html
 import time
 from dataclasses import dataclass
 
 import ipywidgets
 import plotly.graph_objects as go
-import torch
 
 from ..errors import NNPatchError, NNPatchValueError
 from ..patching import activation_patching
 from ..patching.inspect import AttentionPattern, LogitLens, attention_pattern, head_logit_attribution, logit_lens
-from ..patching.noise import NOISE_STDS, NoisePatchingResult, noise_patching
+from ..patching.noise import NOISE_STDS, NoisePatchingResult, default_noise, noise_patching
 from . import heatmap, inspect_plots
 from .figures import CONFIG, template
 
@@ -186,10 +187,10 @@ class _Panel(ipywidgets.VBox):
             self._theme = None
             work()
         except NNPatchError as e:
-            self.note.value = _escape(str(e))
+            self.note.value = _escape_html(str(e))
         except Exception as e:  # noqa: BLE001 - a widget callback has no caller to raise to
             self.last_error = e
-            self.note.value = _escape(f"unexpected {type(e).__name__}: {e} "
+            self.note.value = _escape_html(f"unexpected {type(e).__name__}: {e} "
                                       "(the traceback is in the panel's last_error)")
         finally:
             self.seconds = time.perf_counter() - start
@@ -226,7 +227,7 @@ class HeadPanel(_Panel):
                 title=f"Direct effect of each head on logit({settings.answer!r}) - "
                       f"logit({settings.wrong!r}), clean run", theme=self.theme))
             here = (view.layer, view.head)
-            self.note.value = _escape(
+            self.note.value = _escape_html(
                 f"Head L{view.layer}H{view.head}: direct effect on logit({settings.answer!r}) - "
                 f"logit({settings.wrong!r}) {float(view.dla_clean[here]):+.3f} on the clean run, "
                 f"{float(view.dla_corrupt[here]):+.3f} on the corrupt run "
@@ -281,7 +282,7 @@ class NoisePanel(_Panel):
         explain = ipywidgets.HTML(DENOISE_NOTE)
         super().__init__(controller, [explain, ipywidgets.HBox([self.subject, self.scale]),
                                       ipywidgets.HBox([self.mode, self.button]), self.figure])
-        default = _default_noise(controller.model)
+        default = default_noise(controller.model.module)
         if default is not None:  # a model without input embeddings gets noise_patching's error on Run
             self.scale.value = round(default, 4)
         self.note.value = "Run the heatmap first; then Run noise compares noise on the subject with it."
@@ -292,7 +293,7 @@ class NoisePanel(_Panel):
             differ = self.controller.preview(s.clean, s.corrupt).differ
             self.subject.value = ", ".join(map(str, differ))
             tokens = self.controller.model.to_str_tokens(s.clean)
-            self.note.value = _escape(
+            self.note.value = _escape_html(
                 "Subject: the tokens where clean and corrupt differ ("
                 + (", ".join(f"{tokens[p]!r} {p}" for p in differ) or "none: type positions")
                 + "). Run noise to compare.")
@@ -313,7 +314,7 @@ class NoisePanel(_Panel):
                                         f"corrupt prompt, {last.direction}"
                                         + (f" (mean of {last.n_pairs} pairs)" if last.n_pairs > 1 else "")],
                 theme=self.theme))
-            self.note.value = _escape(f"Noise std {result.noise:.4g} on tokens {subject} of the clean prompt "
+            self.note.value = _escape_html(f"Noise std {result.noise:.4g} on tokens {subject} of the clean prompt "
                                       f"(seed {result.seed}); clean {result.clean_score:.4g}, "
                                       f"noisy {result.corrupt_score:.4g}.")
         self.update(work)
@@ -372,13 +373,4 @@ def _positions(text: str) -> list[int]:
     return positions
 
 
-def _default_noise(model) -> float | None:
-    get = getattr(model.module, "get_input_embeddings", None)
-    embed = get() if callable(get) else None
-    if embed is None or not isinstance(getattr(embed, "weight", None), torch.Tensor):
-        return None
-    return NOISE_STDS * float(embed.weight.detach().float().std())
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+_escape_html = functools.partial(html.escape, quote=False)  # text for an HTML widget

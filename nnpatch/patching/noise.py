@@ -90,15 +90,16 @@ def noise_patching(model, prompts, *, subject, noise: float | None = None, seed:
         raise NNPatchValueError("no prompts given")
     with exclusive(module):
         job = Job(model, prompts, prompts, answer, wrong, metric, site, by, mode, layers)
-        embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-        if embed is None or getattr(embed, "weight", None) is None:
+        default = default_noise(module)
+        if default is None:
             raise NNPatchTypeError(f"{type(module).__name__} has no get_input_embeddings() with a weight; noise "
                                    "patching adds noise to the input embeddings of a Hugging Face model")
-        scale = NOISE_STDS * float(embed.weight.detach().float().std()) if noise is None else float(noise)
+        scale = default if noise is None else float(noise)
         if not scale > 0:
             raise NNPatchValueError(f"noise must be a positive standard deviation, got {noise!r}")
         positions = subject_positions(model, prompts, job.clean_ids, subject)
-        offsets = _noise(positions, job.clean_ids, embed.weight.shape[-1], scale, seed)
+        d_model = module.get_input_embeddings().weight.shape[-1]
+        offsets = _noise(positions, job.clean_ids, d_model, scale, seed)
         for group in job.groups:
             noisy = torch.stack([offsets[i] for i in group.pairs]).to(job.device)  # [n, pos, d]
             group.noise = (None, noisy)  # the corrupt run is the noisy clean run
@@ -110,6 +111,19 @@ def noise_patching(model, prompts, *, subject, noise: float | None = None, seed:
     base = job.result(values, clean_score, noisy_score, "activation")
     return NoisePatchingResult(**{f: getattr(base, f) for f in base.__dataclass_fields__},
                                noise=scale, subject=positions, seed=seed)
+
+
+def default_noise(module: torch.nn.Module) -> float | None:
+    """The default noise std: NOISE_STDS x the std of the input embedding matrix's entries (None
+    for a module without `get_input_embeddings()` with a weight).
+
+        >>> import nnpatch
+        >>> round(default_noise(nnpatch.models.load("ioi").module), 3) > 0
+        True
+    """
+    get = getattr(module, "get_input_embeddings", None)
+    weight = getattr(get() if callable(get) else None, "weight", None)
+    return NOISE_STDS * float(weight.detach().float().std()) if isinstance(weight, torch.Tensor) else None
 
 
 def subject_positions(model, prompts: list, prompt_ids: list[list[int]], subject) -> list[list[int]]:
