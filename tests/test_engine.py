@@ -312,7 +312,7 @@ def test_errors_show_the_users_line_not_engine_frames(lm):
     assert any(f.line.strip().startswith("1 / 0") for f in frames)
     package = str(pathlib.Path(nnpatch.__file__).parent) + os.sep  # not a clone's folder named nnpatch
     inner = [f for f in frames if f.filename.startswith(package)]
-    assert [f.name for f in inner] == ["__exit__"]  # the re-raise; nothing from inside the model
+    assert [f.name for f in inner] == ["__enter__"]  # the re-raise; nothing from inside the model
 
 
 def test_uncaught_trace_errors_in_a_script_show_no_engine_frame(tmp_path):

@@ -89,6 +89,11 @@ class EditTracer:
             self._program = source.trace_program(frame, implicit_invoke=True)
         except NNPatchError as e:
             raise type(e)(str(e)) from None
+        if self._program.leaves:
+            raise NNPatchError(
+                f"{frame.f_code.co_filename}:{min(self._program.leaves)}: an edit's body is kept "
+                "and runs with every later trace, so `return`, `break` or `continue` cannot leave "
+                "it; write them after the with-block")
         self.edited = self.model if self.inplace else edited_copy(self.model)
         self._previous_tracer = source.skip_body(frame)
         return self if self.inplace else (self, self.edited)
@@ -96,7 +101,7 @@ class EditTracer:
     def __exit__(self, exc_type, exc, tb):
         __tracebackhide__ = True  # noqa: F841
         frame = self._frame
-        source.restore_tracing(frame, self._previous_tracer)
+        frames.restore_tracing(frame, self._previous_tracer)
         del self._frame
         if exc_type is not source.Skip:
             if exc_type is None:

@@ -1,5 +1,6 @@
-"""Writing the variables a trace (or edit) body assigned back to the caller's frame, so that they
-are there after the with-block, as they would be after any block.
+"""The caller's frame around a trace (or edit) body: the variables the body assigned are written
+back to it, so that they are there after the with-block, as they would be after any block; and
+the tracing nnpatch switches on to steer it (`source.skip_body`, `leaving.leave_body`) is put back.
 
 In a module or class body they go into its namespace; in a function, names it declares `global`
 go to its globals and the rest into its fast locals (`PyFrame_LocalsToFast` before Python 3.13,
@@ -44,3 +45,11 @@ def _stored_globals(code: types.CodeType) -> frozenset[str]:
         found = _GLOBALS_OF[code] = frozenset(
             i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
     return found
+
+
+def restore_tracing(frame: types.FrameType, saved) -> None:
+    """Put back the tracing (a debugger's, coverage's) that was on before the trace."""
+    previous, frame_trace, opcodes = saved
+    frame.f_trace = frame_trace
+    frame.f_trace_opcodes = opcodes
+    sys.settrace(previous)

@@ -62,6 +62,7 @@ class Invoke:
         self.snapshots: dict[Event, Any] = {}  # content of values taken before the pause
         self.restart = False  # a value it took was edited after it flowed on: run again from the start
         self.caches: list = []  # tracer.cache() objects it declared (recorded in each pass it runs in)
+        self.left_at: int | None = None  # the line of a `return`/`break`/`continue` that ended it
 
     # -- life in a pass --------------------------------------------------------------------------
     def start(self, pass_, rows: Rows, outer) -> None:

@@ -9,7 +9,9 @@ ourselves:
 * `x.save()` becomes `__nnpatch_save__(x)`, so that `.save()` works on any value (floats, dicts);
 * `x.backward(...)`, `x.grad` and `x.grad = g` become calls into the gradient machinery;
 * before each trace-level statement that reads a name an invoke assigns, the pending invokes are
-  run (one batched forward pass), so such statements see the invokes' results.
+  run (one batched forward pass), so such statements see the invokes' results;
+* a `return`, `break` or `continue` that leaves the body becomes `__nnpatch_leave__(line)`: the
+  body ends there, and Python then runs the caller's own code for that statement (`leaving`).
 
 Line numbers and file names are kept, so errors point at the user's own lines.
 """
@@ -23,6 +25,8 @@ import weakref
 from dataclasses import dataclass, field
 
 from ..errors import NNPatchError
+from .leaving import LeaveRewriter
+from .syntax import at, invoke_with, is_call_to, name_call, steps_with
 
 TRACER = "__nnpatch_tracer__"
 SAVE = "__nnpatch_save__"
@@ -47,6 +51,9 @@ class TraceProgram:
     target: str | None = None  # the name of `with model.trace(...) as <target>`
     target_names: tuple[str, ...] = ()  # every name bound by the `as` target (a tuple for model.edit())
     globals: frozenset[str] = frozenset()  # names the body declares global
+    leaves: frozenset[int] = frozenset()  # lines of the `return`/`break`/`continue` that leave it
+    header_end: int = 0  # the last line of the with-statement's header; the body starts below
+
 
 
 class Skip(BaseException):
@@ -68,14 +75,6 @@ def skip_body(frame: types.FrameType):
     frame.f_trace = raise_skip
     frame.f_trace_opcodes = True  # the line of the body's first statement may be unprotected
     return saved
-
-
-def restore_tracing(frame: types.FrameType, saved) -> None:
-    """Put back the tracing (a debugger's, coverage's) that was on before the trace."""
-    previous, frame_trace, opcodes = saved
-    frame.f_trace = frame_trace
-    frame.f_trace_opcodes = opcodes
-    sys.settrace(previous)
 
 
 # -- finding the body -------------------------------------------------------------------------
@@ -221,30 +220,17 @@ BODY_CALLS = ("trace", "generate", "scan", "edit")
 
 
 def _is_body_call(expr: ast.expr) -> bool:
-    return any(_is_call_to(expr, name) for name in BODY_CALLS)
+    return any(is_call_to(expr, name) for name in BODY_CALLS)
 
 
-def _is_call_to(expr: ast.expr, name: str) -> bool:
-    return (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute)
-            and expr.func.attr == name)
-
-
-def _steps_with(node: ast.With) -> bool:
-    """`with tracer.iter[...]:` or `with tracer.all():`, the block form of a step loop."""
-    if len(node.items) != 1:
-        return False
-    expr = node.items[0].context_expr
-    return ((isinstance(expr, ast.Subscript) and isinstance(expr.value, ast.Attribute)
-             and expr.value.attr == "iter")
-            or (_is_call_to(expr, "all") and not expr.args and not expr.keywords))
 
 
 # -- compiling --------------------------------------------------------------------------------
 
 def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: str | None) -> TraceProgram:
-    _check_control_flow(node, filename)
     uses_grad = any(_uses_grad(stmt) for stmt in node.body)
-    body = [_Rewriter().visit(stmt) for stmt in node.body]
+    leaves = LeaveRewriter(node, filename)
+    body = [_Rewriter().visit(leaves.visit(stmt)) for stmt in node.body]
     if owner is not None and owner.strip("_"):
         body = [_Mangler(owner).visit(stmt) for stmt in body]
     target = next((item.optional_vars for item in node.items if _is_body_call(item.context_expr)), None)
@@ -253,43 +239,25 @@ def _compile_trace(node: ast.With, filename: str, implicit_invoke: bool, owner: 
                            target=target.id if isinstance(target, ast.Name) else None,
                            target_names=tuple(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
                            if target is not None else (),
-                           globals=frozenset(declared))
+                           globals=frozenset(declared), leaves=frozenset(leaves.lines),
+                           header_end=max(n.end_lineno or n.lineno for item in node.items
+                                          for n in (item.context_expr, item.optional_vars) if n))
     if implicit_invoke:
-        if any(_invoke_with(n) for stmt in body for n in _walk_scope(stmt)):
+        if any(invoke_with(n) for stmt in body for n in _walk_scope(stmt)):
             raise NNPatchError(
                 f"{filename}:{node.lineno}: a trace given inputs is itself one invoke; either pass "
                 "the inputs to model.trace(...) or use `with tracer.invoke(...)` blocks, not both")
         program.invokes.append(_invoke_body(body, filename))
         first = node.body[0]
-        stmts = [_at(_call_stmt("_invoke", [ast.Constant(None), ast.Constant(0)]), first),
-                 _at(_call_stmt("_flush", []), node.body[-1])]
+        stmts = [at(_call_stmt("_invoke", [ast.Constant(None), ast.Constant(0)]), first),
+                 at(_call_stmt("_flush", []), node.body[-1])]
     else:
         stmts = _split_invokes(body, program, filename)
-        stmts.append(_at(_call_stmt("_flush", []), node.body[-1]))
+        stmts.append(at(_call_stmt("_flush", []), node.body[-1]))
     module = ast.Module(body=stmts, type_ignores=[])
     ast.fix_missing_locations(module)
     program.code = compile(module, filename, "exec")
     return program
-
-
-def _check_control_flow(node: ast.With, filename: str) -> None:
-    """`return`, `break` and `continue` that would leave the trace body cannot run there."""
-    def visit(n, in_loop: bool):
-        for child in ast.iter_child_nodes(n):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-                continue
-            word = ("return" if isinstance(child, ast.Return)
-                    else "break" if isinstance(child, ast.Break) and not in_loop
-                    else "continue" if isinstance(child, ast.Continue) and not in_loop else None)
-            if word:
-                raise NNPatchError(
-                    f"{filename}:{child.lineno}: `{word}` inside a trace body would leave it, but "
-                    "nnpatch runs the body itself, after the model's forward pass. Assign what you "
-                    f"need inside the body, and `{word}` after the with-block (e.g. set a flag in "
-                    "the body and test it after the block)")
-            visit(child, in_loop or isinstance(child, (ast.For, ast.AsyncFor, ast.While)))
-    for stmt in node.body:
-        visit(ast.Module(body=[stmt], type_ignores=[]), False)
 
 
 class _Mangler(ast.NodeTransformer):
@@ -321,12 +289,12 @@ def _split_invokes(stmts: list[ast.stmt], program: TraceProgram, filename: str) 
     """Replace invoke blocks by registrations; flush before statements that need their results."""
     out: list[ast.stmt] = []
     for stmt in stmts:
-        if any(_invoke_with(n) for n in _walk_scope(stmt)):
+        if any(invoke_with(n) for n in _walk_scope(stmt)):
             out.append(_ReplaceInvokes(program, filename).visit(stmt))
         else:
             names = sorted({n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)})
             flush = _call_stmt("_flush_if_needed", [ast.Tuple([ast.Constant(n) for n in names], ast.Load())])
-            out.append(_at(flush, stmt))
+            out.append(at(flush, stmt))
             out.append(stmt)
     return out
 
@@ -341,7 +309,7 @@ class _ReplaceInvokes(ast.NodeTransformer):
     visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
 
     def visit_With(self, node):
-        if not _invoke_with(node):
+        if not invoke_with(node):
             return self.generic_visit(node)
         item = node.items[0]
         index = len(self.program.invokes)
@@ -352,7 +320,7 @@ class _ReplaceInvokes(ast.NodeTransformer):
             stmt = ast.Assign(targets=[item.optional_vars], value=call)
         else:
             stmt = ast.Expr(call)
-        return _at(stmt, node)
+        return at(stmt, node)
 
 
 def _check_target(item: ast.withitem, filename: str) -> None:
@@ -360,15 +328,11 @@ def _check_target(item: ast.withitem, filename: str) -> None:
         raise NNPatchError(f"{filename}:{item.optional_vars.lineno}: bind an invoke to a plain name")
 
 
-def _invoke_with(node) -> bool:
-    return (isinstance(node, ast.With) and len(node.items) == 1
-            and _is_call_to(node.items[0].context_expr, "invoke"))
-
 
 def _invoke_body(stmts: list[ast.stmt], filename: str) -> InvokeBody:
     for stmt in stmts:
         for n in _walk_scope(stmt):
-            if _invoke_with(n):
+            if invoke_with(n):
                 raise NNPatchError(f"{filename}:{n.lineno}: invokes cannot be nested inside invokes")
     module = ast.Module(body=_with_final_marks(stmts), type_ignores=[])
     ast.fix_missing_locations(module)
@@ -389,8 +353,8 @@ def _with_final_marks(stmts: list[ast.stmt]) -> list[ast.stmt]:
         out.append(stmt)
         names = sorted(n for n, j in last.items() if j == i)
         if names:
-            mark = ast.Expr(_name_call(FINAL, [ast.Tuple([ast.Constant(n) for n in names], ast.Load())]))
-            out.append(_at(mark, stmt))
+            mark = ast.Expr(name_call(FINAL, [ast.Tuple([ast.Constant(n) for n in names], ast.Load())]))
+            out.append(at(mark, stmt))
     return out
 
 
@@ -441,7 +405,7 @@ class _Rewriter(ast.NodeTransformer):
         """`with tracer.iter[...] as step:` runs its block once per step: it is the loop
         `for step in tracer.iter[...]:` (nnsight's older spelling of the same thing)."""
         self.generic_visit(node)
-        if not _steps_with(node):
+        if not steps_with(node):
             return node
         item = node.items[0]
         target = item.optional_vars or ast.Name("__nnpatch_step__", ast.Store())
@@ -452,7 +416,7 @@ class _Rewriter(ast.NodeTransformer):
         self.generic_visit(node)
         f = node.func
         if isinstance(f, ast.Attribute) and f.attr == "save" and not node.args and not node.keywords:
-            return ast.copy_location(_name_call(SAVE, [f.value]), node)
+            return ast.copy_location(name_call(SAVE, [f.value]), node)
         if isinstance(f, ast.Attribute) and f.attr == "backward":
             return ast.copy_location(
                 ast.Call(func=ast.Name(BACKWARD, ast.Load()), args=[f.value] + node.args,
@@ -462,20 +426,17 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Attribute(self, node):
         self.generic_visit(node)
         if node.attr == "grad" and isinstance(node.ctx, ast.Load):
-            return ast.copy_location(_name_call(GET_GRAD, [node.value]), node)
+            return ast.copy_location(name_call(GET_GRAD, [node.value]), node)
         return node
 
     def visit_Assign(self, node):
         self.generic_visit(node)
         if len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute) \
                 and node.targets[0].attr == "grad":
-            call = _name_call(SET_GRAD, [node.targets[0].value, node.value])
+            call = name_call(SET_GRAD, [node.targets[0].value, node.value])
             return ast.copy_location(ast.Expr(call), node)
         return node
 
-
-def _name_call(name: str, args: list) -> ast.Call:
-    return ast.Call(func=ast.Name(name, ast.Load()), args=args, keywords=[])
 
 
 def _tracer_call(method: str, args: list) -> ast.Call:
@@ -485,8 +446,3 @@ def _tracer_call(method: str, args: list) -> ast.Call:
 
 def _call_stmt(method: str, args: list) -> ast.stmt:
     return ast.Expr(_tracer_call(method, args))
-
-
-def _at(new: ast.stmt, old: ast.AST) -> ast.stmt:
-    """Give a generated statement the location of the user's statement it stands for."""
-    return ast.fix_missing_locations(ast.copy_location(new, old))

@@ -21,7 +21,7 @@ import types
 from typing import Any
 
 from ..errors import NNPatchAttributeError, NNPatchError, NNPatchTypeError
-from . import frames, gradients, source, stopping, tracebacks
+from . import frames, gradients, leaving, source, stopping, tracebacks
 from .cache import make_cache
 from .edit import default_invokes
 from .forward import ForwardPass
@@ -59,42 +59,59 @@ class Tracer:
         __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
         tracebacks.install()
         frame = sys._getframe(1)
-        self._frame = frame
         try:
             self._program = source.trace_program(frame, implicit_invoke=self._inputs is not None)
         except NNPatchError as e:
             raise type(e)(str(e)) from None
-        self._previous_tracer = source.skip_body(frame)
+        try:
+            left_at = self._run_body(frame)
+        except BaseException as e:  # noqa: BLE001 - re-raised with the user's frames only
+            raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
+        if left_at is None:
+            self._tracing = frame, source.skip_body(frame)
+        else:  # a `return`, `break` or `continue` left the body: Python goes on at that line
+            self._tracing = frame, leaving.leave_body(frame, self._program.header_end, left_at)
+        self._left = left_at is not None
         return self
 
     def __exit__(self, exc_type, exc, tb):
         __tracebackhide__ = True  # noqa: F841 - IPython and pytest leave this frame out
-        frame = self._frame
-        source.restore_tracing(frame, self._previous_tracer)
-        del self._frame
-        if exc_type is not source.Skip:
-            if exc_type is None:
-                raise NNPatchError("nnpatch could not take over this trace's body; put the body "
-                                   "on its own lines below the with-statement")
-            return False
+        frame, saved = self._tracing
+        frames.restore_tracing(frame, saved)
+        del self._tracing
+        if exc_type is source.Skip:
+            return True
+        if exc_type is None and not self._left:
+            raise NNPatchError("nnpatch could not take over this trace's body; put the body "
+                               "on its own lines below the with-statement")
+        return False
+
+    def _run_body(self, frame) -> int | None:
+        """Run the compiled body with the caller's variables, and write what it assigns back
+        into the caller's frame. Returns the line of the `return`, `break` or `continue` that
+        left the body, if one did."""
         namespace = self._outer_namespace = TraceNamespace(self, frame)
-        if self._program.target:  # `as tracer` was not bound: the body was skipped before it
+        if self._program.target:  # `as tracer` is bound only after __enter__ returns
             dict.__setitem__(namespace, self._program.target, self)
+        left_at = None
         try:
             exec(self._program.code, namespace, namespace)
-        except BaseException as e:  # noqa: BLE001 - re-raised with the user's frames only
+        except leaving.Leave as leave:
+            left_at = leave.line
+        except BaseException as e:
             tracebacks.drop_context(e, source.Skip)
             for inv in self._invokes:
                 inv.close()
             builtins = dict.get(namespace, "__builtins__")
             dict.clear(namespace)  # the traceback keeps the body's frame: let its values go
             dict.__setitem__(namespace, "__builtins__", builtins)
-            raise e.with_traceback(tracebacks.user_frames(e.__traceback__, frame.f_code.co_filename))
+            raise
         finally:
             self._pending.clear()
         frames.write_back(frame, namespace.assigned(), self._program.globals)
         count_trace(self.model)
-        return True
+        return left_at if left_at is not None else next(
+            (inv.left_at for inv in self._invokes if inv.left_at is not None), None)
 
     # -- the public surface ---------------------------------------------------------------------
     def invoke(self, *inputs: Any, **kwargs: Any) -> "InvokeInputs":
@@ -163,6 +180,18 @@ class Tracer:
         self._pending.append(inv)
         self._invokes.append(inv)
         return inv
+
+    def _leave(self, line: int) -> None:
+        """A `return`, `break` or `continue` at `line` leaves the body: what it wrote before
+        that runs (the pending invokes too); the rest of the body does not."""
+        inv = current_invoke()
+        if inv is None:  # trace-level code
+            self._flush()
+            raise leaving.Leave(line)
+        inv.left_at = line  # the trace's own invoke (model.trace(input)): it ends here
+        if inv.pass_ is not None:
+            inv.pass_.stop_requested = True
+        raise stopping.Stop
 
     def _flush_if_needed(self, names: tuple[str, ...]) -> None:
         if any(n in inv.body.stores for inv in self._pending for n in names):
@@ -250,6 +279,7 @@ def _helpers(tracer: Tracer) -> dict:
         source.GET_GRAD: gradients.get_grad,
         source.SET_GRAD: gradients.set_grad,
         source.FINAL: _final,
+        leaving.LEAVE: tracer._leave,
     }
 
 
