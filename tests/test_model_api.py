@@ -172,3 +172,13 @@ def test_sweep_input_errors_keep_their_class():
     with pytest.raises(IndexError, match="layer 9"):
         nnpatch.activation_patching(model, nnpatch.tasks.ioi(2), site="resid_pre", by=("layer",), layers=[9],
                                     progress=False)
+
+
+def test_iterating_a_module_list_gives_the_same_envoys_every_time():
+    """Envoys are cached per child: the second iteration must return the cached ones (a block
+    has no len(), so a cached envoy must never be tested for truth)."""
+    model = nnpatch.LanguageModel(gpt2(), tokenizer=word_tokenizer())
+    first = list(model.transformer.h)
+    again = list(model.transformer.h)
+    assert [e._path for e in first] == [f"transformer.h.{i}" for i in range(len(first))]
+    assert all(a is b for a, b in zip(first, again)) and len(again) == len(first)

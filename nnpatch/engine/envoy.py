@@ -108,8 +108,10 @@ class Envoy:
         return len(self._module)
 
     def __iter__(self):
+        children = self._children
         for name in self._module._modules:
-            yield self[name]
+            child = children.get(name)
+            yield self[name] if child is None else child
 
     def _resolve(self, path: str) -> torch.nn.Module:
         """The module at a path below this one (cached: hooks are registered by path often)."""
@@ -132,7 +134,7 @@ class Envoy:
 
     def _read(self, kind: str):
         inv = self._invoke()
-        event = inv.at(self._path, kind)
+        event = (self._path, kind) if inv.steps is None else inv.steps.at(self._path, kind)  # inv.at
         if self._of is None or self._of is inv:
             return inv.value(event)
         return inv.value_of(self._of, event)

@@ -55,31 +55,29 @@ def hooks(root: torch.nn.Module, specs: Iterable[HookSpec]):
 
 def remove_all(handles: list) -> None:
     """Remove hook handles in reverse order, all of them even if Ctrl-C lands meanwhile (the
-    KeyboardInterrupt is raised once they are gone)."""
-    with _interrupts_held():
+    KeyboardInterrupt is raised once they are gone). Written out rather than as a context
+    manager: every trace calls it."""
+    if threading.get_ident() != _MAIN_THREAD:
         for h in reversed(handles):
             h.remove()
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Hold back SIGINT (Ctrl-C) for the duration of a with-block, then deliver it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
         return
     pending = []
     # _signal.signal: the same call as signal.signal, without converting handlers to enums
     previous = _signal.signal(_signal.SIGINT, lambda signum, frame: pending.append(signum))
     if previous is not signal.default_int_handler:  # someone else's handler: leave it alone
         _signal.signal(_signal.SIGINT, previous)
-        yield
-        return
+        pending = None
     try:
-        yield
+        for h in reversed(handles):
+            h.remove()
     finally:
-        _signal.signal(_signal.SIGINT, previous)
+        if pending is not None:
+            _signal.signal(_signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
+
+
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def attach(module: torch.nn.Module, kind: str, fn: Callable) -> "_Handle":
@@ -117,12 +115,13 @@ _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.
 _LOCKS_GUARD = threading.Lock()
 
 
-@contextlib.contextmanager
-def exclusive(module: torch.nn.Module):
-    """One trace or sweep of a model at a time: another thread's trace of the same model waits
-    here until this one is done (a plain forward from another thread is not held up, and the
-    trace's hooks ignore it)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(module, threading.RLock())
-    with lock:
-        yield
+def exclusive(module: torch.nn.Module) -> threading.RLock:
+    """One trace or sweep of a model at a time, as `with exclusive(module):`: another thread's
+    trace of the same model waits there until this one is done (a plain forward from another
+    thread is not held up, and the trace's hooks ignore it). The lock itself is the context
+    manager."""
+    lock = _LOCKS.get(module)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(module, threading.RLock())
+    return lock

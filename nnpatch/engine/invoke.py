@@ -85,14 +85,17 @@ class Invoke:
 
     def resume(self) -> None:
         """Run this invoke until it pauses again, with its own grad mode and autocast state."""
-        outer = torch_state()
-        _set_torch_state(self.torch_state, outer)
+        # torch_state() written out for the common case (autocast off): this runs once per read
+        outer = torch_state() if _any_autocast() else (torch.is_grad_enabled(),)
+        if self.torch_state != outer:
+            _set_torch_state(self.torch_state, outer)
         self.pass_.resumes += 1
         try:
             self.greenlet.switch()
         finally:
-            self.torch_state = torch_state()
-            _set_torch_state(outer, self.torch_state)
+            mine = self.torch_state = torch_state() if _any_autocast() else (torch.is_grad_enabled(),)
+            if mine != outer:
+                _set_torch_state(outer, mine)
 
     def pause(self, waiting) -> None:
         self.waiting = waiting

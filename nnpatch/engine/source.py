@@ -112,7 +112,9 @@ _BY_CODE: "weakref.WeakKeyDictionary[types.CodeType, dict]" = weakref.WeakKeyDic
 def trace_program(frame: types.FrameType, implicit_invoke: bool) -> TraceProgram:
     """The compiled program of the trace whose `with` statement `frame` is executing."""
     # A code object's source cannot change, so programs are kept per code object and line.
-    per_code = _BY_CODE.setdefault(frame.f_code, {})
+    per_code = _BY_CODE.get(frame.f_code)  # get first: setdefault builds a weak reference
+    if per_code is None:
+        per_code = _BY_CODE.setdefault(frame.f_code, {})
     program = per_code.get((frame.f_lineno, implicit_invoke))
     if program is None:
         program = per_code[(frame.f_lineno, implicit_invoke)] = _program_from_source(frame, implicit_invoke)
