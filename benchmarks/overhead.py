@@ -1,7 +1,9 @@
 """What a trace costs over the forward pass it wraps.
 
 One process, one model (a 12-layer GPT-2 config, d_model 64, random weights), one 16-token prompt.
-Timed, interleaved round by round so that drift on a shared machine hits every contender alike:
+Timed, interleaved round by round so that drift on a shared machine hits every contender alike,
+in an order shuffled every round (a fixed order let each contender inherit the caches of the one
+before it, which moved the ratios by several percent):
 
     plain       the HF forward pass
     raw hooks   the forward with 12 register_forward_hook callbacks that keep each block output
@@ -13,6 +15,7 @@ on one thread, so other jobs on a shared machine barely move it) and as wall tim
 Run: python benchmarks/overhead.py
 """
 import argparse
+import random
 import statistics
 import time
 
@@ -94,8 +97,12 @@ def main():
     for _ in range(20):
         for fn in contenders.values():
             fn()
+    order = list(contenders)
+    shuffle = random.Random(0).shuffle
     for _ in range(args.rounds):
-        for name, fn in contenders.items():
+        shuffle(order)  # no contender always runs right after the same one (caches, allocator)
+        for name in order:
+            fn = contenders[name]
             c, w = time.process_time(), time.perf_counter()
             fn()
             cpu[name].append(time.process_time() - c)

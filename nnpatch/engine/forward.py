@@ -22,6 +22,7 @@ from .hooks import attach, remove_all
 from .inputs import input_slot, read_input, with_input
 from .invoke import Event, Invoke, event_name, out_of_order, torch_state
 from .scan import prepare_scan, scan_mode
+from .unshared import unshared
 from .stopping import EndForward
 
 
@@ -364,6 +365,8 @@ class ForwardPass:
                     or not (self.waiting.get(event) or event in self.replays)):
                 return None
             if isinstance(output, torch.Tensor):  # the common case, without a closure
+                if not self.grad and unshared(output):  # no copy needed (see unshared)
+                    return self._dispatch(event, output)
                 return self._dispatch(event, _fresh(output, self.grad))
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook
