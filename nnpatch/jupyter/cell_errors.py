@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,19 @@ _SHAPES = (
                r"\[([^\]]*)\]"),
 )
 _VALUE_FIRST = {1}  # which of _SHAPES name the value's shape first
+
+
+def cell_number(shell) -> int:
+    """The n of `In[n]`, the cell running now. `shell.execution_count` is that number while a cell
+    runs on IPython 8, and already the next one on IPython 9; the number IPython gave the running
+    cell's code (the outermost frame of a cell's code) is the one its prompt shows on both."""
+    numbers = getattr(shell.compile, "_filename_map", None) or {}
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        found = numbers.get(frame.f_code.co_filename, found)
+        frame = frame.f_back
+    return shell.execution_count if found is None else found
 
 
 @dataclass
@@ -56,7 +70,7 @@ class Cell:
 
     # -- what is printed -------------------------------------------------------------------------
     def _show_as_cell(self, e: BaseException, tb) -> None:
-        name = self.shell.compile.cache(self.text, self.shell.execution_count, raw_code=self.text)
+        name = self.shell.compile.cache(self.text, cell_number(self.shell), raw_code=self.text)
         shown = None
         for entry in reversed(entries(tb)):
             if entry.tb_frame.f_code.co_filename == self.filename:

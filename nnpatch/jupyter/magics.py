@@ -44,7 +44,7 @@ from ..errors import NNPatchError
 from ..patching import activation_patching, attribution_patching
 from ..patching.metrics import METRICS, REGISTRY, effect, score
 from ..patching.pairs import as_list, from_task_pairs
-from .cell_errors import Cell
+from .cell_errors import Cell, cell_number
 from .magic_line import PATCH, SWEEP, TRACE, body, indent, one_line, parse
 
 
@@ -98,7 +98,7 @@ class PatchingMagics(Magics):
             opened = f"{args.model}.generate({''.join(a + ', ' for a in args.inputs)}max_new_tokens={args.generate})"
         source = f"with {opened} as tracer:\n" + indent(code, 1)
         # The `with` line stands where the magic line was, so the cell's lines keep their numbers.
-        filename = self.shell.compile.cache(source, self.shell.execution_count, raw_code=source)
+        filename = self.shell.compile.cache(source, cell_number(self.shell), raw_code=source)
         self._run(source, Cell(self.shell, f"%%trace {line}\n{cell}", filename, lambda n: n, args.model))
 
     @cell_magic
@@ -144,7 +144,7 @@ class PatchingMagics(Magics):
         answer, wrong = _token_ids(model, pairs.answer, n, "--answer"), _token_ids(model, pairs.wrong, n, "--wrong")
         runs = types.SimpleNamespace(clean=pairs.clean, corrupt=pairs.corrupt)
         source = _patch_source(args.model, body(cell, "%%patch"))
-        filename = f"<%%patch In[{self.shell.execution_count}]>"
+        filename = f"<%%patch In[{cell_number(self.shell)}]>"
         lines = len(cell.splitlines())
         shown = Cell(self.shell, f"%%patch {line}\n{cell}", filename, model=args.model,
                      to_cell_line=lambda n: n - _PATCH_LINES + 1 if 0 < n - _PATCH_LINES < lines + 1 else 1)
