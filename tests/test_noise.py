@@ -5,6 +5,7 @@ import torch
 
 import nnpatch
 from conftest import last_logits, llama, prompt, word_tokenizer
+from nnpatch.patching.noise import NoisePatchingResult
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 
@@ -147,3 +148,31 @@ def test_bad_subject_says_what_is_wrong(ioi, subject, error, match):
 def test_bad_noise_scale(ioi):
     with pytest.raises(ValueError, match="positive standard deviation"):
         nnpatch.noise_patching(ioi, CLEAN, subject=[1], noise=0.0, answer=" Mary", wrong=" John", progress=False)
+
+
+def test_save_and_load_keep_the_noise_the_subject_and_the_seed(ioi, tmp_path):
+    r = nnpatch.noise_patching(ioi, CLEAN, subject=" John gave", noise=0.7, seed=5, answer=" Mary",
+                               wrong=" John", by="layer", progress=False)
+    path = tmp_path / "trace.safetensors"
+    r.save(path)
+    back = NoisePatchingResult.load(path)
+    assert isinstance(back, NoisePatchingResult)
+    assert (back.noise, back.subject, back.seed) == (0.7, [[9, 10]], 5)
+    assert torch.equal(back.values, r.values) and repr(back) == repr(r)
+    plain = nnpatch.PatchingResult.load(path)  # the grid and the usual fields
+    assert torch.equal(plain.values, r.values) and plain.clean_score == r.clean_score
+
+
+def test_a_noise_file_with_a_bad_subject_is_refused(ioi, tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    r = nnpatch.noise_patching(ioi, CLEAN, subject=[1], answer=" Mary", wrong=" John", by="layer", progress=False)
+    path = tmp_path / "trace.safetensors"
+    r.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["nnpatch"])
+    meta["subject"] = [["one"]]
+    save_file(load_file(str(path)), str(path), metadata={"nnpatch": json.dumps(meta)})
+    with pytest.raises(nnpatch.errors.NNPatchValueError, match="subject must be one list of token positions"):
+        NoisePatchingResult.load(path)

@@ -38,11 +38,21 @@ NOISE_STDS = 3.0  # the default noise: this many standard deviations of the embe
 class NoisePatchingResult(PatchingResult):
     """A `PatchingResult` whose corrupt run is the clean prompt with noise on its subject tokens:
     `noise` is the noise's standard deviation, `subject` each prompt's noised token positions,
-    `seed` the seed of the draw. (`save` keeps the grid and the usual fields, not these three.)"""
+    `seed` the seed of the draw. `save` keeps them too; read such a file back with
+    `NoisePatchingResult.load` (`PatchingResult.load` reads the grid and the usual fields)."""
 
     noise: float = 0.0
     subject: list[list[int]] = field(default_factory=list)
     seed: int = 0
+
+    _EXTRA = {"noise": (int, float), "subject": list, "seed": int}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not all(isinstance(s, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
+                   for s in self.subject):
+            raise NNPatchValueError("subject must be one list of token positions (ints) per prompt, "
+                                    f"got {self.subject!r}")
 
     def plot(self, **kwargs):
         kwargs.setdefault("title", f"Causal tracing ({self.direction}) of {self.site} by {' x '.join(self.dims)}: "

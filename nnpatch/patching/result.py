@@ -52,6 +52,8 @@ class PatchingResult:
     layers: list[int] = field(default_factory=list)
     model: str = ""
 
+    _EXTRA = {}  # a subclass's own fields that save/load keep: name -> type(s), as in _KINDS
+
     def __post_init__(self):
         self.values = torch.as_tensor(self.values).detach().float().cpu()
         self.dims = tuple(self.dims)
@@ -139,7 +141,7 @@ class PatchingResult:
                 "clean_score": self.clean_score, "corrupt_score": self.corrupt_score,
                 "metric": self.metric, "site": self.site, "method": self.method,
                 "direction": self.direction, "n_pairs": self.n_pairs, "layers": self.layers,
-                "model": self.model}
+                "model": self.model, **{key: getattr(self, key) for key in self._EXTRA}}
         save_file({"values": self.values.contiguous()}, str(path), metadata={"nnpatch": json.dumps(meta)})
 
     @classmethod
@@ -168,7 +170,7 @@ class PatchingResult:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise NNPatchValueError(f"{path}: unknown PatchingResult format {found!r}; this nnpatch reads "
                                     f"{_FORMAT}")
-        return cls(values=values, **_fields(meta, path))
+        return cls(values=values, **_fields(meta, path, {**_KINDS, **cls._EXTRA}))
 
 
 _KINDS = {"dims": list, "labels": dict, "clean_score": (int, float), "corrupt_score": (int, float),
@@ -177,14 +179,14 @@ _KINDS = {"dims": list, "labels": dict, "clean_score": (int, float), "corrupt_sc
 _REQUIRED = ("dims", "labels", "clean_score", "corrupt_score")
 
 
-def _fields(meta: dict, path) -> dict:
-    """The constructor arguments in a file's header, each checked for its type; keys this
-    version does not know are dropped."""
+def _fields(meta: dict, path, kinds: dict) -> dict:
+    """The constructor arguments in a file's header, each checked for its type (`kinds`); keys
+    this version does not know are dropped."""
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise NNPatchValueError(f"{path}: the nnpatch header lacks {', '.join(missing)}")
     out = {}
-    for key, kind in _KINDS.items():
+    for key, kind in kinds.items():
         if key not in meta:
             continue
         value = meta[key]
