@@ -181,3 +181,22 @@ def test_with_gradients_every_output_is_still_copied():
     assert h.data_ptr() != pointers[1]
     expected = torch.ones(2, 4) @ net[2].weight
     assert torch.allclose(g, expected, atol=1e-6)
+
+
+def test_in_a_generation_an_output_a_users_hook_kept_is_not_edited_there():
+    from conftest import gpt2, prompt, word_tokenizer
+    hf = gpt2()
+    model = nnpatch.LanguageModel(hf, tokenizer=word_tokenizer())
+    forced = 7
+    kept = []
+    handle = hf.lm_head.register_forward_hook(lambda m, a, o: kept.append(o))
+    try:
+        with torch.no_grad(), model.generate(prompt(3, 5, 7), max_new_tokens=3, do_sample=False) as tracer:
+            for step in tracer.iter[:]:
+                model.lm_head.output[:, -1, forced] = 1e4
+            ids = model.generator.output.save()
+    finally:
+        handle.remove()
+    assert ids[0, -3:].tolist() == [forced] * 3  # the edit flowed on at every step
+    assert len(kept) == 3 and all(float(k[:, -1, forced].max()) < 1e3 for k in kept)  # not where kept
+    assert all_hooks(hf) == 0

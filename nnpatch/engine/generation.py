@@ -32,6 +32,7 @@ from .forward import ForwardPass, _fresh
 from .hooks import attach, remove_all
 from .invoke import Invoke, current_invoke, deadlock_error, event_name
 from .tracing import Tracer
+from .unshared import unshared
 
 GENERATOR = "generator"  # the path of `model.generator`, whose output is the generated ids
 _PROMPT_KEYWORDS = ("input_ids", "attention_mask")
@@ -329,6 +330,8 @@ class GenerationPass(ForwardPass):
                 return None
             if kind == "input":
                 return self._input_hook(event)(module, args, kwargs)
+            if isinstance(output, torch.Tensor) and not self.grad and unshared(output):
+                return self._dispatch(event, output)  # held by nothing else: no copy needed
             return self._dispatch(event, map_tensors(lambda t: _fresh(t, self.grad), output))
         return hook
 
