@@ -216,17 +216,17 @@ class Workbench(ipywidgets.VBox):
         if index == -1 or not self.controller.pairs:
             return
         pair = self.controller.pairs[max(index, 0)]  # all pairs: the fields show the first
-        self._write(clean=pair["clean"], corrupt=pair["corrupt"])
         # The pair's own tokens are kept while they fit the prompts; the app fills what it lacks.
         self._origin = {name: "pair" if pair[name] else "auto" for name in ("answer", "wrong")}
         answer, wrong = self.controller.fit(pair["clean"], pair["corrupt"], pair["answer"], pair["wrong"], self._origin)
-        self._write(answer=answer, wrong=wrong)
+        # One update: tokens arriving after the prompts would overwrite what the user typed meanwhile.
+        self._write(clean=pair["clean"], corrupt=pair["corrupt"], answer=answer, wrong=wrong)
 
     def _write(self, **values):
         """Set inputs from Python: the token pickers do not take it for the user's choice."""
         self._writing = True
-        try:
-            with self.controls.hold_trait_notifications():
+        try:  # hold_sync: the page gets the values in one message
+            with self.controls.hold_sync(), self.controls.hold_trait_notifications():
                 for name, value in values.items():
                     setattr(self.controls, name, value)
         finally:
