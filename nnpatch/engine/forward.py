@@ -41,8 +41,6 @@ class ForwardPass:
         # Known before any invoke starts, so one invoke can read a later one's rows (model.of).
         own = dict(zip(given, self.batch.rows))
         self.rows: dict[Invoke, Rows] = {inv: own.get(inv) or Rows(0, self.batch.size) for inv in invokes}
-        self.whole = {inv for inv, r in self.rows.items()
-                      if r.start == 0 and r.stop == self.batch.size and not r.pad}
         self.thread = threading.get_ident()
         self.many = len(group) > 1
         # With several invokes, each gets its rows of a module value as a tensor of its own (a
@@ -139,7 +137,7 @@ class ForwardPass:
     def _hook(self, event: Event) -> None:
         if event in self.handles:
             return
-        if event[1].startswith("source."):  # a value inside a module's forward (module_source)
+        if module_source.is_source_event(event):  # a value inside a module's forward (.source)
             module_source.install(self, event[0], lambda t: _fresh(t, self.grad))
             self._sentinels(event[0] + ".source")  # the module and its ancestors (see _sentinels)
             return
@@ -373,9 +371,6 @@ class ForwardPass:
 
     # -- what an invoke sees ---------------------------------------------------------------------
     def view(self, inv: Invoke, event: Event):
-        value = self.fired[event]
-        if inv in self.whole and isinstance(value, torch.Tensor) and event not in self.blocks:
-            return value  # what view_rows gives an invoke whose rows are the whole batch
         return self.view_rows(inv, event, self.rows[inv])
 
     def view_rows(self, inv: Invoke, event: Event, rows: Rows):

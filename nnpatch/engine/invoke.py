@@ -85,17 +85,14 @@ class Invoke:
 
     def resume(self) -> None:
         """Run this invoke until it pauses again, with its own grad mode and autocast state."""
-        # torch_state() written out for the common case (autocast off): this runs once per read
-        outer = torch_state() if _any_autocast() else (torch.is_grad_enabled(),)
-        if self.torch_state != outer:
-            _set_torch_state(self.torch_state, outer)
+        outer = torch_state()
+        _set_torch_state(self.torch_state, outer)  # a no-op when they are equal
         self.pass_.resumes += 1
         try:
             self.greenlet.switch()
         finally:
-            mine = self.torch_state = torch_state() if _any_autocast() else (torch.is_grad_enabled(),)
-            if mine != outer:
-                _set_torch_state(outer, mine)
+            self.torch_state = torch_state()
+            _set_torch_state(outer, self.torch_state)
 
     def pause(self, waiting) -> None:
         self.waiting = waiting

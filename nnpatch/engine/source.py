@@ -55,7 +55,6 @@ class TraceProgram:
     header_end: int = 0  # the last line of the with-statement's header; the body starts below
 
 
-
 class Skip(BaseException):
     """Raised as the with-block is entered, so that Python does not run the trace body itself.
     A BaseException, so that no `except Exception:` of the user's can catch it."""
@@ -223,8 +222,6 @@ BODY_CALLS = ("trace", "generate", "scan", "edit")
 
 def _is_body_call(expr: ast.expr) -> bool:
     return any(is_call_to(expr, name) for name in BODY_CALLS)
-
-
 
 
 # -- compiling --------------------------------------------------------------------------------

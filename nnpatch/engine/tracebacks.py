@@ -52,17 +52,6 @@ def without_hidden(tb):
     return _chain([entry for entry in entries(tb) if entry.tb_frame.f_code not in HIDDEN])
 
 
-def drop_context(e: BaseException, kind: type) -> None:
-    """Unlink exceptions of `kind` from the context chain of `e` (internal control flow that
-    would otherwise print as "During handling of the above exception...")."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e.__context__, kind):
-            e.__context__ = None
-        e = e.__cause__ or e.__context__
-
-
 class _ExceptHook:
     """Uncaught errors of a script's trace body show the script's lines only.
 

@@ -98,8 +98,7 @@ class Tracer:
             exec(self._program.code, namespace, namespace)
         except leaving.Leave as leave:
             left_at = leave.line
-        except BaseException as e:
-            tracebacks.drop_context(e, source.Skip)
+        except BaseException:
             for inv in self._invokes:
                 inv.close()
             builtins = dict.get(namespace, "__builtins__")
@@ -188,10 +187,8 @@ class Tracer:
         if inv is None:  # trace-level code
             self._flush()
             raise leaving.Leave(line)
-        inv.left_at = line  # the trace's own invoke (model.trace(input)): it ends here
-        if inv.pass_ is not None:
-            inv.pass_.stop_requested = True
-        raise stopping.Stop
+        inv.left_at = line  # the trace's own invoke (model.trace(input)) ends as at tracer.stop()
+        self.stop()
 
     def _flush_if_needed(self, names: tuple[str, ...]) -> None:
         if any(n in inv.body.stores for inv in self._pending for n in names):
