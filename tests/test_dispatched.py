@@ -262,3 +262,41 @@ def test_generation_with_steering_like_the_plain_model(arch_name, how, tmp_path)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     assert all(t.device.type == "cpu" for t in got[0])
     assert all_hooks(model.module) == 0
+
+
+def test_input_device_follows_an_embedding_replaced_or_hooked_after_the_first_trace(arch_name):
+    """`input_device` remembers where the embedding sits, not which module it is, and reads
+    accelerate's hook every time: a replaced embedding and a hook added later are both seen."""
+    from nnpatch.engine.devices import input_device, input_embedding
+
+    hf = BUILD[arch_name]()
+    model = nnpatch.LanguageModel(hf, tokenizer=word_tokenizer())
+    with model.trace(A):
+        h = model.output
+    assert input_embedding(hf) is hf.get_input_embeddings()
+    hf.resize_token_embeddings(hf.config.vocab_size + 8)
+    assert input_embedding(hf) is hf.get_input_embeddings()
+    replacement = torch.nn.Embedding(hf.config.vocab_size, hf.config.hidden_size)
+    hf.set_input_embeddings(replacement)
+    assert input_embedding(hf) is replacement
+
+    class Hook:  # what accelerate's hooks expose
+        execution_device = "meta"
+
+    replacement._hf_hook = Hook()
+    assert input_device(hf) == torch.device("meta")
+    del replacement._hf_hook
+    assert input_device(hf) == torch.device("cpu")
+    with model.trace(A):
+        after = model.output.logits
+    torch.testing.assert_close(after, hf(torch.tensor([model.to_tokens(A)])).logits, rtol=0, atol=0)
+    assert all_hooks(hf) == 0
+
+
+def test_input_device_of_a_model_without_an_input_embedding():
+    from nnpatch.engine.devices import input_device, input_embedding
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert input_embedding(net) is None and input_device(net) == torch.device("cpu")
+    net.to("meta")
+    assert input_device(net) == torch.device("cpu")  # nothing to run on: the CPU, as before

@@ -14,6 +14,8 @@ module are moved to that module's own value's device where they are written (`en
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..errors import NNPatchValueError
@@ -24,22 +26,61 @@ def input_device(module: torch.nn.Module) -> torch.device:
     device (so a model moved to CUDA takes prompts tokenized on the CPU). A model placed by
     accelerate keeps offloaded weights on the meta device; its embedding then runs where
     accelerate's hook says."""
-    try:
-        embedding = module.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        embedding = None
-    candidates = ([embedding] if embedding is not None else []) + [module]
-    for m in candidates:
-        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+    embedding = input_embedding(module)
+    for m in (embedding, module):
+        # accelerate keeps its hook in the module's __dict__ (a plain getattr of a missing
+        # attribute costs an AttributeError inside nn.Module.__getattr__, on every trace)
+        device = getattr(vars(m).get("_hf_hook") if m is not None else None, "execution_device", None)
         if device is not None:
             return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    if embedding is not None and getattr(embedding, "weight", None) is not None \
-            and embedding.weight.device.type != "meta":
-        return embedding.weight.device
+    weight = getattr(embedding, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
     for p in module.parameters():
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+_EMBEDDING_AT: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+_ASK = "?"  # get_input_embeddings returns a module outside the model's tree: ask it every time
+
+
+def input_embedding(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's input embedding (`get_input_embeddings()`), or None when it has none.
+
+    Hugging Face's `get_input_embeddings` takes several microseconds on every call, and a trace
+    asks once per forward pass; so the embedding's path in the model is found once, and later
+    calls follow that path. A replaced embedding (`set_input_embeddings`,
+    `resize_token_embeddings`) sits at the same path, so it is the one found."""
+    path = _EMBEDDING_AT.get(module)
+    if path is None and module not in _EMBEDDING_AT:
+        path = _EMBEDDING_AT[module] = _embedding_path(module)
+    if path is None:
+        return None
+    if path != _ASK:
+        found = module
+        for name in path.split(".") if path else ():
+            found = found._modules.get(name)
+            if found is None:
+                break
+        else:
+            return found
+    return _ask_embedding(module)
+
+
+def _ask_embedding(module: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        return module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _embedding_path(module: torch.nn.Module) -> str | None:
+    embedding = _ask_embedding(module)
+    if embedding is None:
+        return None
+    return next((name for name, m in module.named_modules() if m is embedding), _ASK)
 
 
 def check_placement(module: torch.nn.Module) -> None:

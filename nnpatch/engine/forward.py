@@ -157,7 +157,7 @@ class ForwardPass:
             path = path.rpartition(".")[0]
             if path in self.sentinels:
                 return  # its ancestors got theirs with it
-            self.sentinels[path] = self.model._resolve(path).register_forward_pre_hook(_no_op)
+            self.sentinels[path] = attach(self.model._resolve(path), "input", _no_op)
 
     def record(self, event: Event, recorder) -> None:
         """Call `recorder(self, event)` each time the model computes `event`, after the invokes
@@ -390,7 +390,7 @@ class ForwardPass:
         _copy_into(current, new, event_name(event))
 
 
-def _no_op(module, args):
+def _no_op(module, args, kwargs):
     return None
 
 

@@ -145,7 +145,8 @@ class Model(Envoy):
 
     def _forward(self, batch: Batch):
         device = input_device(self._module)
-        args, kwargs = map_tensors(lambda t: t.to(device), (batch.args, batch.kwargs))
+        move = lambda t: t if t.device == device else t.to(device)  # noqa: E731
+        args, kwargs = map_tensors(move, (batch.args, batch.kwargs))
         try:
             return self._module(*args, **kwargs)
         except Exception:
