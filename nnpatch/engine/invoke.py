@@ -131,6 +131,15 @@ class Invoke:
         self.cache, self.taken_in, self.snapshots, self.met = {}, {}, {}, {}
         self.backward = self.pass_ = self.home = self.rows = None
 
+    def release(self) -> None:
+        """After its trace: drop the links from this invoke to the engine's objects (its passes,
+        the views it took, its namespace). They form reference cycles that would otherwise keep
+        every value the trace computed alive until Python's cyclic garbage collector runs. The
+        invoke's variables stay where the trace wrote them back, and functions defined in its
+        body still find them (their globals are the namespace)."""
+        self.cache, self.taken_in, self.snapshots, self.met = {}, {}, {}, {}
+        self.backward = self.pass_ = self.home = self.rows = self.namespace = self.greenlet = None
+
     # -- module values ---------------------------------------------------------------------------
     def at(self, path: str, kind: str) -> Event:
         """The event a read of `path`.`kind` means now: in a generation, at this invoke's step."""

@@ -109,8 +109,19 @@ class Tracer:
             self._pending.clear()
         frames.write_back(frame, namespace.assigned(), self._program.globals)
         count_trace(self.model)
-        return left_at if left_at is not None else next(
-            (inv.left_at for inv in self._invokes if inv.left_at is not None), None)
+        if left_at is None:
+            left_at = next((inv.left_at for inv in self._invokes if inv.left_at is not None), None)
+        self._release()
+        return left_at
+
+    def _release(self) -> None:
+        """Break the reference cycles between this trace, its namespace and its invokes (see
+        `Invoke.release`), so that what the trace computed is freed as soon as the caller lets
+        go of it, without waiting for Python's cyclic garbage collector."""
+        for inv in self._invokes:
+            inv.release()
+        self._invokes = []
+        self._outer_namespace = None
 
     # -- the public surface ---------------------------------------------------------------------
     def invoke(self, *inputs: Any, **kwargs: Any) -> "InvokeInputs":
