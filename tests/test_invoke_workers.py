@@ -27,6 +27,14 @@ def build():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4)).eval()
 
 
+def greenlet_of_a_trace(model):
+    """The greenlet the body of a one-read trace ran on."""
+    with model.trace(torch.randn(1, 4)):
+        ran_on = greenlet.getcurrent()
+        h = model[0].output
+    return ran_on
+
+
 def reference(net, x, edit_at=None):
     """Outputs of each layer by plain hooks; layer `edit_at`'s output gets +1."""
     kept = {}
@@ -97,9 +105,7 @@ def test_each_invoke_starts_in_a_fresh_context_as_a_new_greenlet_would():
 def test_an_invoke_that_raises_ends_its_greenlet_and_the_next_trace_works():
     net = build()
     model = nnpatch.Model(net)
-    with model.trace(torch.randn(1, 4)):
-        used = greenlet.getcurrent()
-        h = model[0].output
+    used = greenlet_of_a_trace(model)
     ran_on = []  # a failed trace writes no variable back: the body appends to a list instead
     with pytest.raises(ZeroDivisionError):
         with model.trace(torch.randn(1, 4)):
@@ -160,9 +166,7 @@ def test_many_invokes_in_one_trace_each_get_their_own_greenlet_and_idle_ones_are
 def test_each_thread_runs_invokes_on_greenlets_of_its_own():
     net = build()
     model = nnpatch.Model(net)
-    with model.trace(torch.randn(1, 4)):
-        here = greenlet.getcurrent()
-        h = model[0].output
+    here = greenlet_of_a_trace(model)
     found = {}
 
     def other():

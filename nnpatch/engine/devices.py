@@ -43,24 +43,32 @@ def input_device(module: torch.nn.Module) -> torch.device:
 
 
 _EMBEDDING_AT: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
-_ASK = "?"  # get_input_embeddings returns a module outside the model's tree: ask it every time
+_UNSEEN = object()
+
+
+def embedding_path(module: torch.nn.Module) -> str | None:
+    """The `named_modules()` path of the model's input embedding (`get_input_embeddings()`), or
+    None when it has none in its module tree.
+
+    Found once per model: Hugging Face's `get_input_embeddings` takes several microseconds per
+    call, and a trace needs the embedding once per forward pass. A replaced embedding
+    (`set_input_embeddings`, `resize_token_embeddings`) sits at the same path."""
+    path = _EMBEDDING_AT.get(module, _UNSEEN)
+    if path is _UNSEEN:
+        embedding = _ask_embedding(module)
+        path = _EMBEDDING_AT[module] = None if embedding is None else next(
+            (name for name, m in module.named_modules() if m is embedding), None)
+    return path
 
 
 def input_embedding(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's input embedding (`get_input_embeddings()`), or None when it has none.
-
-    Hugging Face's `get_input_embeddings` takes several microseconds on every call, and a trace
-    asks once per forward pass; so the embedding's path in the model is found once, and later
-    calls follow that path. A replaced embedding (`set_input_embeddings`,
-    `resize_token_embeddings`) sits at the same path, so it is the one found."""
-    path = _EMBEDDING_AT.get(module)
-    if path is None and module not in _EMBEDDING_AT:
-        path = _EMBEDDING_AT[module] = _embedding_path(module)
-    if path is None:
-        return None
-    if path != _ASK:
+    """The model's input embedding, or None when it has none: the module at `embedding_path`
+    (followed as `hooks.resolve` does, without its error: this runs once per forward pass),
+    else whatever `get_input_embeddings()` returns."""
+    path = embedding_path(module)
+    if path is not None:
         found = module
-        for name in path.split(".") if path else ():
+        for name in filter(None, path.split(".")):
             found = found._modules.get(name)
             if found is None:
                 break
@@ -74,13 +82,6 @@ def _ask_embedding(module: torch.nn.Module) -> torch.nn.Module | None:
         return module.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-
-
-def _embedding_path(module: torch.nn.Module) -> str | None:
-    embedding = _ask_embedding(module)
-    if embedding is None:
-        return None
-    return next((name for name, m in module.named_modules() if m is embedding), _ASK)
 
 
 def check_placement(module: torch.nn.Module) -> None:

@@ -125,18 +125,16 @@ class Invoke:
                 g.throw(greenlet.GreenletExit)
             except greenlet.GreenletExit:
                 break
-        self.greenlet = None
         if self.namespace is not None:  # nothing is written back from a failed trace
             dict.clear(self.namespace)
-        self.cache, self.taken_in, self.snapshots, self.met = {}, {}, {}, {}
-        self.backward = self.pass_ = self.home = self.rows = None
+        self.release()
 
     def release(self) -> None:
-        """After its trace: drop the links from this invoke to the engine's objects (its passes,
-        the views it took, its namespace). They form reference cycles that would otherwise keep
-        every value the trace computed alive until Python's cyclic garbage collector runs. The
-        invoke's variables stay where the trace wrote them back, and functions defined in its
-        body still find them (their globals are the namespace)."""
+        """After its trace, or once closed: drop the links from this invoke to the engine's
+        objects (its passes, the views it took, its namespace, its greenlet). They form reference
+        cycles that would otherwise keep every value the trace computed alive until Python's
+        cyclic garbage collector runs. The invoke's variables stay where the trace wrote them
+        back, and functions defined in its body still find them (their globals are the namespace)."""
         self.cache, self.taken_in, self.snapshots, self.met = {}, {}, {}, {}
         self.backward = self.pass_ = self.home = self.rows = self.namespace = self.greenlet = None
 

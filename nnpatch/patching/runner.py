@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.devices import embedding_path
 from ..engine.hooks import hooks, resolve
 from ..errors import NNPatchError, NNPatchTypeError
 from .job import Group, Job, Row
@@ -309,8 +310,7 @@ class Captured:
 
 def _embedding_path(module: torch.nn.Module) -> str:
     """The module path of the model's input embedding (`get_input_embeddings()`)."""
-    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    path = next((name for name, m in module.named_modules() if m is embed), None) if embed is not None else None
+    path = embedding_path(module)
     if path is None:
         raise NNPatchTypeError(f"{type(module).__name__} has no get_input_embeddings(); noise on the input "
                                "embeddings needs a Hugging Face model (or a module that defines it)")
