@@ -16,7 +16,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import all_hooks, block_envoys, first, prompt
+from conftest import all_hooks, block_envoys, block_outputs, close, first, prompt
 
 A = prompt(1, 2, 3, 4, 5, 6)
 B = prompt(1, 2, 9, 4, 5, 6)
@@ -62,10 +62,17 @@ def test_a_patching_trace_frees_both_invokes_values(lm, hf, no_collector):
             with tracer.invoke(B):
                 first(layers[1].output)[:, -1] = clean[:, -1]
                 patched = lm.output.logits
-        return _refs(clean, patched)
+        return _refs(clean, patched), patched.detach().clone()
 
-    held = run()
+    held, patched = run()
     assert held and [r() for r in held] == [None] * len(held)
+    _, clean_ref = block_outputs(hf, A)
+
+    def patch(h):
+        h[:, -1] = clean_ref[1][:, -1]
+        return h
+    reference, _ = block_outputs(hf, B, {1: patch})
+    assert close(patched, reference)
 
 
 def test_a_generation_frees_its_steps_values(lm, hf, no_collector):
@@ -92,10 +99,11 @@ def test_a_trace_left_by_return_frees_its_values(lm, hf, no_collector):
         with lm.trace(A):
             h = first(layers[0].output)
             held.extend(_refs(h))
-            return float(h.sum().detach())
+            return h.detach().clone()
 
-    run()
+    got = run()
     assert held and [r() for r in held] == [None] * len(held)
+    assert close(got, block_outputs(hf, A)[1][0])
 
 
 def test_what_the_user_keeps_still_works_after_the_release(lm, hf, no_collector):
