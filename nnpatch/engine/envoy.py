@@ -134,7 +134,7 @@ class Envoy:
 
     def _read(self, kind: str):
         inv = self._invoke()
-        event = inv.at(self._path, kind)
+        event = (self._path, kind) if inv.steps is None else inv.steps.at(self._path, kind)  # inv.at
         if self._of is None or self._of is inv:
             return inv.value(event)
         return inv.value_of(self._of, event)

@@ -49,6 +49,10 @@ class ForwardPass:
         # value it copied still reaches that value. A promptless invoke sees every row: the batch
         # stays one tensor.
         self.split = self.many and len(given) == len(invokes)
+        # Invokes that own the whole batch, unpadded (one invoke, or a promptless one): their
+        # view of a batched tensor is that tensor.
+        self.whole = set() if self.split else {
+            inv for inv, r in self.rows.items() if r.start == 0 and r.stop == self.batch.size and not r.pad}
         self.blocks: dict[Event, dict[Invoke, list]] = {}
         self.aside_depth = 0  # > 0 while a module is called aside from the trace
         self.waiting: dict[Event, list[Invoke]] = defaultdict(list)
@@ -137,17 +141,17 @@ class ForwardPass:
     def _hook(self, event: Event) -> None:
         if event in self.handles:
             return
-        if module_source.is_source_event(event):  # a value inside a module's forward (.source)
-            module_source.install(self, event[0], lambda t: _fresh(t, self.grad))
-            self._sentinels(event[0] + ".source")  # the module and its ancestors (see _sentinels)
-            return
         path, kind = event[0], event[1]
-        module = self.model._resolve(path)
-        hook = self._input_hook(event) if kind == "input" else self._output_hook(event)
-        self.handles[event] = attach(module, kind, hook)
-        self._sentinels(path)
-        if kind == "input":  # an invoke that reads a module's input may skip it (module.skip)
-            skip.install_gate(self, path)
+        if kind == "output":
+            self.handles[event] = attach(self.model._resolve(path), kind, self._output_hook(event))
+        elif kind == "input":
+            self.handles[event] = attach(self.model._resolve(path), kind, self._input_hook(event))
+            skip.install_gate(self, path)  # an invoke that reads a module's input may skip it
+        else:  # "source.<operation>.output": a value inside a module's forward (.source)
+            module_source.install(self, path, lambda t: _fresh(t, self.grad))
+            path += ".source"  # sentinels for the module and its ancestors
+        if path.rpartition(".")[0] not in self.sentinels:
+            self._sentinels(path)
 
     def _sentinels(self, path: str) -> None:
         """A no-op hook on every ancestor of a hooked module. PyTorch decides when a module's
@@ -199,13 +203,8 @@ class ForwardPass:
             self.ready.extend(self.name_waiting.pop(key))
 
     def _drain(self, queue: list[Invoke] | None = None) -> None:
-        if queue is not None and len(queue) == 1 and not self.ready:  # the common case: one waiter
-            inv = queue[0]
-            if not inv.done and inv.greenlet is not None and inv.pass_ is self:
-                inv.resume()
-            if not self.ready:
-                return
-            queue = []
+        """Resume the invokes in `queue` and those made ready meanwhile, in source order, until
+        none is ready."""
         queue = list(queue or ())
         while queue or self.ready:
             queue.extend(self.ready)
@@ -226,9 +225,17 @@ class ForwardPass:
                 view = self.view(inv, event)
                 _restore(view, content)
                 inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
-            self._drain(self.waiting.pop(event, []))
-            for recorder in self.recorders.get(event[:2], ()):  # (path, kind), whatever the step
-                recorder(self, event)
+            waiters = self.waiting.pop(event, None)
+            if waiters is not None and len(waiters) == 1 and not self.ready:  # the common case
+                inv = waiters[0]
+                if not inv.done and inv.greenlet is not None and inv.pass_ is self:
+                    inv.resume()
+                waiters = None
+            if waiters or self.ready:
+                self._drain(waiters)
+            if self.recorders:
+                for recorder in self.recorders.get(event[:2], ()):  # (path, kind), whatever the step
+                    recorder(self, event)
         finally:
             self.current = None
         if self.split:
@@ -371,6 +378,9 @@ class ForwardPass:
 
     # -- what an invoke sees ---------------------------------------------------------------------
     def view(self, inv: Invoke, event: Event):
+        value = self.fired[event]
+        if inv in self.whole and type(value) is torch.Tensor:
+            return value  # what `view_rows` gives an invoke that has every row: the tensor itself
         return self.view_rows(inv, event, self.rows[inv])
 
     def view_rows(self, inv: Invoke, event: Event, rows: Rows):

@@ -95,20 +95,19 @@ def attach(module: torch.nn.Module, kind: str, fn: Callable) -> "_Handle":
     RemovableHandle.next_id = key + 1
     hooks[key] = fn
     kwargs[key] = True
-    return _Handle(hooks, kwargs, key)
+    return _Handle((hooks, kwargs, key))
 
 
-class _Handle:
-    """Removes one hook that `attach` registered (idempotent, like RemovableHandle.remove)."""
+class _Handle(tuple):
+    """(hooks, kwargs, key) of one hook that `attach` registered; `remove()` removes it
+    (idempotent, like RemovableHandle.remove). A tuple: made without a Python-level __init__."""
 
-    __slots__ = ("hooks", "kwargs", "key")
-
-    def __init__(self, hooks: dict, kwargs: dict, key: int):
-        self.hooks, self.kwargs, self.key = hooks, kwargs, key
+    __slots__ = ()
 
     def remove(self) -> None:
-        self.hooks.pop(self.key, None)
-        self.kwargs.pop(self.key, None)
+        hooks, kwargs, key = self
+        hooks.pop(key, None)
+        kwargs.pop(key, None)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()

@@ -68,6 +68,9 @@ def invoke_rows(tokenizer, value, attention_mask=None, *, pad_id: int = 0) -> Pr
     integer tensor, 1-D or 2-D), or a tokenizer output; `attention_mask` (zeros mark padding, on
     either side) may come with token ids. An id tensor stays a tensor (no round trip through lists).
     Errors name what is wrong (an empty prompt, float ids, a 3-D tensor, unknown words)."""
+    if attention_mask is None and type(value) is torch.Tensor and value.dtype == torch.long \
+            and value.numel() > 0 and value.dim() in (1, 2):
+        return Prompts(value if value.dim() == 2 else value.reshape(1, -1))  # the common case, checked cheaply
     if _is_mapping(value):
         if "input_ids" not in value:
             raise NNPatchTypeError(
@@ -90,8 +93,8 @@ def invoke_rows(tokenizer, value, attention_mask=None, *, pad_id: int = 0) -> Pr
         value = [[t for t, m in zip(r, row) if m] for r, row in zip(value, attention_mask)]
         attention_mask = None
     if attention_mask is None and isinstance(value, torch.Tensor) and value.dtype == torch.long \
-            and value.dim() in (1, 2) and value.shape[-1] > 0 and value.numel() > 0:
-        return Prompts(value.reshape(-1, value.shape[-1]))  # the common case, checked cheaply
+            and value.dim() in (1, 2) and value.numel() > 0:
+        return Prompts(value if value.dim() == 2 else value.reshape(1, -1))  # a tensor subclass, or ids from a mapping
     text = isinstance(value, str) or _is_text(value)
     if isinstance(value, torch.Tensor) or _is_array(value) or (attention_mask is not None and not text):
         ids = id_tensor(value)
@@ -229,7 +232,7 @@ def check_prompts(prompts: Prompts, *, vocab_size: int | None, context: tuple[in
                 f"{prompts.name(row)}{where}: token id {int(ids[row, pos])} at position {pos} is outside "
                 f"the model's vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1}); give ids "
                 "made by this model's tokenizer")
-    if context is not None:
+    if context is not None and (prompts.mask is not None or ids.shape[1] > context[0]):
         limit, field = context
         lengths = prompts.lengths()
         longest = max(range(len(lengths)), key=lengths.__getitem__)

@@ -86,14 +86,18 @@ class Invoke:
 
     def resume(self) -> None:
         """Run this invoke until it pauses again, with its own grad mode and autocast state."""
-        outer = torch_state()
-        _set_torch_state(self.torch_state, outer)  # a no-op when they are equal
+        # torch_state(), with its common case (autocast off) written out: this runs at every read
+        outer = (_grad_enabled(),) if not _any_autocast() else torch_state()
+        mine = self.torch_state
+        if mine is not None and mine != outer:
+            _set_torch_state(mine, outer)
         self.pass_.resumes += 1
         try:
             self.greenlet.switch()
         finally:
-            self.torch_state = torch_state()
-            _set_torch_state(outer, self.torch_state)
+            mine = self.torch_state = (_grad_enabled(),) if not _any_autocast() else torch_state()
+            if mine != outer:
+                _set_torch_state(outer, mine)
 
     def pause(self, waiting) -> None:
         self.waiting = waiting
@@ -377,8 +381,8 @@ _AUTOCAST = tuple(d for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_avai
 def torch_state() -> tuple:
     """Grad mode and autocast state of this thread (cheap when autocast is off: one call each)."""
     if not _any_autocast():
-        return (torch.is_grad_enabled(),)
-    state = [torch.is_grad_enabled()]
+        return (_grad_enabled(),)
+    state = [_grad_enabled()]
     for device in _AUTOCAST:
         on = torch.is_autocast_enabled(device)
         state.append((on, torch.get_autocast_dtype(device) if on else None))
@@ -387,6 +391,7 @@ def torch_state() -> tuple:
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(device) for device in _AUTOCAST))
+_grad_enabled = torch.is_grad_enabled
 
 
 def _set_torch_state(state: tuple | None, now: tuple) -> None:

@@ -205,7 +205,7 @@ class LanguageModel(Model):
     def _prepare(self, invokes):
         """One forward call for the invokes' prompts; each invoke's input is checked against the
         model's vocabulary and context before anything runs."""
-        pad_id = self._pad_id()
+        pad_id = self._pad_id() if _may_pad(invokes) else 0
         limits = self.__dict__.get("_limits")
         if limits is None:  # the config's sizes do not change: read them once
             limits = self.__dict__["_limits"] = (*model_limits(self._module), model_sizes(self._module))
@@ -243,6 +243,16 @@ class LanguageModel(Model):
 
 
 _PROMPT_KEYWORDS = ("input_ids", "attention_mask")
+
+
+def _may_pad(invokes) -> bool:
+    """Whether the invokes' prompts may need padding, so the pad id must be looked up (it takes
+    a few microseconds): all but one invoke of one id tensor, the common case of a trace."""
+    if len(invokes) != 1:
+        return True
+    args, kwargs = invokes[0]
+    value = args[0] if len(args) == 1 else kwargs.get("input_ids")
+    return not isinstance(value, torch.Tensor) or "attention_mask" in kwargs
 
 
 def _forward_options(invokes, module: torch.nn.Module) -> dict:

@@ -6,7 +6,8 @@ ourselves:
 
 * each `with tracer.invoke(...):` block becomes its own code object, run later as a coroutine
   that meets the model's forward pass at the modules it reads;
-* `x.save()` becomes `__nnpatch_save__(x)`, so that `.save()` works on any value (floats, dicts);
+* `x.save()` becomes `x`: every value a trace assigns survives it, so `.save()` (nnsight's
+  spelling) is accepted on any value (floats, dicts) and costs nothing;
 * `x.backward(...)`, `x.grad` and `x.grad = g` become calls into the gradient machinery;
 * before each trace-level statement that reads a name an invoke assigns, the pending invokes are
   run (one batched forward pass), so such statements see the invokes' results;
@@ -29,7 +30,6 @@ from .leaving import LeaveRewriter
 from .syntax import at, invoke_with, is_call_to, name_call, steps_with
 
 TRACER = "__nnpatch_tracer__"
-SAVE = "__nnpatch_save__"
 BACKWARD = "__nnpatch_backward__"
 GET_GRAD = "__nnpatch_grad__"
 SET_GRAD = "__nnpatch_set_grad__"
@@ -415,7 +415,7 @@ class _Rewriter(ast.NodeTransformer):
         self.generic_visit(node)
         f = node.func
         if isinstance(f, ast.Attribute) and f.attr == "save" and not node.args and not node.keywords:
-            return ast.copy_location(name_call(SAVE, [f.value]), node)
+            return f.value  # nothing to do: every value survives the trace (see the docstring)
         if isinstance(f, ast.Attribute) and f.attr == "backward":
             return ast.copy_location(
                 ast.Call(func=ast.Name(BACKWARD, ast.Load()), args=[f.value] + node.args,

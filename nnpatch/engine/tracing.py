@@ -282,7 +282,6 @@ class TraceNamespace(dict):
 def _helpers(tracer: Tracer) -> dict:
     return {
         source.TRACER: tracer,
-        source.SAVE: _save,
         source.BACKWARD: gradients.backward,
         source.GET_GRAD: gradients.get_grad,
         source.SET_GRAD: gradients.set_grad,
@@ -295,11 +294,6 @@ def _final(names: tuple[str, ...]) -> None:
     inv = current_invoke()
     if inv is not None:
         inv.finalize(names)
-
-
-def _save(value):
-    """`.save()` inside a trace: every value survives the trace anyway; this returns it."""
-    return value
 
 
 # Uncaught errors of a script's trace body skip these two frames (see tracebacks.install).
