@@ -108,10 +108,11 @@ class Envoy:
         return len(self._module)
 
     def __iter__(self):
-        children = self._children
-        for name in self._module._modules:
+        children, found = self._children, []
+        for name in self._module._modules:  # a list, not a generator: one call, not one per child
             child = children.get(name)
-            yield self[name] if child is None else child
+            found.append(self[name] if child is None else child)
+        return iter(found)
 
     def _resolve(self, path: str) -> torch.nn.Module:
         """The module at a path below this one (cached: hooks are registered by path often)."""
@@ -133,7 +134,9 @@ class Envoy:
         return self._read("input")
 
     def _read(self, kind: str):
-        inv = self._invoke()
+        inv = current_invoke()
+        if inv is None or inv.tracer.model is not self._root:  # the common case checked inline
+            inv = self._invoke()  # the full check, which explains what is wrong
         event = (self._path, kind) if inv.steps is None else inv.steps.at(self._path, kind)  # inv.at
         if self._of is None or self._of is inv:
             return inv.value(event)
