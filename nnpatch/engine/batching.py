@@ -197,9 +197,11 @@ def batch_prompts(blocks: list[Prompts], pad_id: int, accepts: set[str], *,
         rows.append(Rows(start, start + b.ids.shape[0], T - b.width, T))
         start += b.ids.shape[0]
     use_cache = {"use_cache": False} if "use_cache" in accepts else {}
+    if not padded and len(blocks) == 1:  # one block, nothing to pad
+        return Batch((), {"input_ids": blocks[0].ids, **use_cache}, rows, start)
     device = blocks[0].ids.device
-    if not padded:  # nothing to pad
-        ids = torch.cat([b.ids.to(device) for b in blocks]) if len(blocks) > 1 else blocks[0].ids
+    if not padded:
+        ids = torch.cat([b.ids.to(device) for b in blocks])
         return Batch((), {"input_ids": ids, **use_cache}, rows, start)
     if "attention_mask" not in accepts:
         raise NNPatchValueError(

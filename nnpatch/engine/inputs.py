@@ -221,8 +221,8 @@ def check_prompts(prompts: Prompts, *, vocab_size: int | None, context: tuple[in
     ids = prompts.ids
     if vocab_size is not None and ids.numel():
         if ids.numel() <= 4096:  # a prompt or a few: one call into torch, then Python ints
-            flat = ids.reshape(-1).tolist()
-            lo, hi = min(flat), max(flat)
+            rows = ids.tolist()
+            lo, hi = min(map(min, rows)), max(map(max, rows))
         else:
             lo, hi = (int(x) for x in torch.aminmax(ids))
         if lo < 0 or hi >= vocab_size:  # the offending id is looked for only when there is one

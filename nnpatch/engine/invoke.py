@@ -214,6 +214,8 @@ class Invoke:
         """The invoke whose assignment of `name` this one reads: the nearest earlier one, else
         the nearest later one (so a consumer may be written before its producer)."""
         group = self.pass_.group if self.pass_ else []
+        if len(group) < 2:  # alone in its trace: every name it reads is its own or the caller's
+            return None
         before = [i for i in group if i.index < self.index and name in i.body.stores]
         if before:
             return before[-1]
