@@ -78,7 +78,10 @@ class ForwardPass:
         self.grad = tracer._program.uses_grad and torch.is_grad_enabled()
 
     def run(self) -> None:
-        with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
+        if getattr(self.tracer, "scan", False):
+            with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
+                self._run()
+        else:
             self._run()
         self._finish()
 

@@ -146,7 +146,9 @@ class Model(Envoy):
     def _forward(self, batch: Batch):
         device = input_device(self._module)
         move = lambda t: t if t.device == device else t.to(device)  # noqa: E731
-        args, kwargs = map_tensors(move, (batch.args, batch.kwargs))
+        args = map_tensors(move, batch.args) if batch.args else ()
+        kwargs = {k: move(v) if isinstance(v, torch.Tensor) else map_tensors(move, v)
+                  for k, v in batch.kwargs.items()}  # flat: most values are tensors or flags
         try:
             return self._module(*args, **kwargs)
         except Exception:
