@@ -183,6 +183,10 @@ def batch_prompts(blocks: list[Prompts], pad_id: int, accepts: set[str], *,
     the sizes in `avoid` (the model's head counts and widths) or the batch size, up to `limit`
     (the model's context): then no head or width dimension of any tensor has the padded length,
     and `position_dims` cannot take it for positions by coincidence."""
+    use_cache = {"use_cache": False} if "use_cache" in accepts else {}
+    if len(blocks) == 1 and blocks[0].mask is None:  # one block, nothing to pad: the common case
+        n, width = blocks[0].ids.shape
+        return Batch((), {"input_ids": blocks[0].ids, **use_cache}, [Rows(0, n, 0, width)], n)
     widths = [b.width for b in blocks]
     n = sum(b.ids.shape[0] for b in blocks)
     T = max(widths)
@@ -196,9 +200,6 @@ def batch_prompts(blocks: list[Prompts], pad_id: int, accepts: set[str], *,
     for b in blocks:
         rows.append(Rows(start, start + b.ids.shape[0], T - b.width, T))
         start += b.ids.shape[0]
-    use_cache = {"use_cache": False} if "use_cache" in accepts else {}
-    if not padded and len(blocks) == 1:  # one block, nothing to pad
-        return Batch((), {"input_ids": blocks[0].ids, **use_cache}, rows, start)
     device = blocks[0].ids.device
     if not padded:
         ids = torch.cat([b.ids.to(device) for b in blocks])

@@ -214,7 +214,8 @@ class LanguageModel(Model):
         vocab_size, context, sizes = limits
         blocks, options = [], _forward_options(invokes, self._module)
         for i, (args, kwargs) in enumerate(invokes):
-            kwargs = {k: v for k, v in kwargs.items() if k in _PROMPT_KEYWORDS}
+            if kwargs:
+                kwargs = {k: v for k, v in kwargs.items() if k in _PROMPT_KEYWORDS}
             value, mask = _prompt_arguments(args, kwargs)
             where = f" (invoke {i} of {len(invokes)} in this forward pass)" if len(invokes) > 1 else ""
             block = invoke_rows(self.tokenizer, value, mask, pad_id=pad_id)
@@ -260,7 +261,8 @@ def _may_pad(invokes) -> bool:
 def _forward_options(invokes, module: torch.nn.Module) -> dict:
     """Keyword arguments other than the prompt (`output_attentions=True`) go to the model's
     forward; the invokes of one forward pass must agree on them."""
-    if all(key in _PROMPT_KEYWORDS for _, kwargs in invokes for key in kwargs):
+    if (len(invokes) == 1 and not invokes[0][1]) or all(
+            key in _PROMPT_KEYWORDS for _, kwargs in invokes for key in kwargs):
         return {}
     try:
         parameters = inspect.signature(module.forward).parameters.values()
@@ -309,6 +311,8 @@ def _prompt_arguments(args: tuple, kwargs: dict):
     """(prompt, attention mask or None) of one LanguageModel invoke's arguments: one positional
     input (a prompt, a list of prompts, token ids or a tokenizer output) or input_ids=, and
     optionally attention_mask= with token ids."""
+    if len(args) == 1 and not kwargs:  # the common case: one prompt
+        return args[0], None
     extra = sorted(set(kwargs) - set(_PROMPT_KEYWORDS))
     if extra:
         raise NNPatchTypeError(
