@@ -19,7 +19,10 @@ before it, which moved the ratios by several percent):
 Every contender runs under torch.no_grad(), as an inference-only user would. Prints median
 milliseconds and ratios to the raw-hook run and to the no-cache raw-hook run, as CPU time of
 this process (torch runs on one thread, so other jobs on a shared machine barely move it) and
-as wall time.
+as wall time. Two kinds of ratio: of the medians, and "paired", the median over rounds of each
+round's own ratio, whose two times come from the same round. On this project's shared CI machine,
+whose speed drifted by up to 1.8x within minutes on 2026-12-03, nnpatch's ratio of medians moved
+between 1.01x and 1.07x in runs a minute apart, its paired ratio between 1.02x and 1.05x.
 Run: python benchmarks/overhead.py
 """
 import argparse
@@ -144,11 +147,18 @@ def main():
     med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     med_wall = {name: statistics.median(v) for name, v in wall.items()}
     print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds; nnsight: {version}")
-    print(f"{'':15s} {'cpu ms':>8s} {'wall ms':>9s} {'/ raw hooks':>12s} {'/ raw, no cache':>16s}   (ratios of cpu time)")
+    print(f"{'':15s} {'cpu ms':>8s} {'wall ms':>9s} {'/ raw hooks':>12s} {'/ raw, no cache':>16s}"
+          f"   {'paired: / raw hooks':>20s} {'/ raw, no cache':>16s}   (ratios of cpu time)")
     for name in contenders:
         c, w = med_cpu[name], med_wall[name]
         print(f"{name:15s} {c * 1e3:8.3f} {w * 1e3:9.3f} {c / med_cpu['raw hooks']:11.2f}x "
-              f"{c / med_cpu['raw, no cache']:15.2f}x")
+              f"{c / med_cpu['raw, no cache']:15.2f}x   {paired(cpu[name], cpu['raw hooks']):19.3f}x "
+              f"{paired(cpu[name], cpu['raw, no cache']):15.3f}x")
+
+
+def paired(times: list[float], baseline: list[float]) -> float:
+    """The median over rounds of time / baseline time in the same round."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
 
 
 if __name__ == "__main__":
