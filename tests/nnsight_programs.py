@@ -749,6 +749,36 @@ def edit_seeded_noise(model, S):
     return {"logits": logits}
 
 
+NOISE_SUBJECT, NOISE_STD = [1, 2], 2.0  # test_inspect_oracle.py gives noise_patching the same
+
+
+@program("gpt2", "llama", "ioi")
+def edit_causal_trace_with_noise(model, S):
+    """Causal tracing as ROME describes it, written out: seeded Gaussian noise on the input
+    embeddings of the subject tokens, then each block's input at each position restored from the
+    clean run, one trace per cell (what `nnpatch.noise_patching` computes as one sweep)."""
+    noise = torch.zeros(S.len(S.A), S.d)
+    draw = torch.randn(len(NOISE_SUBJECT), S.d, generator=torch.Generator().manual_seed(0))
+    noise[NOISE_SUBJECT] = draw * NOISE_STD
+    with model.trace(S.A):
+        clean = []
+        for i in range(S.n):
+            clean.append(S.layers(model)[i].input.clone())
+        clean = S.save(clean)
+        clean_logits = model.lm_head.output[:, -1].save()
+    with model.trace(S.A):
+        S.embed(model).output[:] += noise
+        noisy_logits = model.lm_head.output[:, -1].save()
+    cells = {}
+    for i in range(S.n):
+        for pos in range(S.len(S.A)):
+            with model.trace(S.A):
+                S.embed(model).output[:] += noise
+                S.layers(model)[i].input[:, pos] = clean[i][:, pos]
+                cells[f"layer{i}_pos{pos}"] = model.lm_head.output[:, -1].save()
+    return {"clean": clean_logits, "noisy": noisy_logits, **cells}
+
+
 @program()
 def edit_two_layers_and_read_between(model, S):
     with model.trace(S.B):
