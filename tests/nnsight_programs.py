@@ -493,6 +493,39 @@ def read_logit_lens(model, S):
 
 
 @program("gpt2", "llama", "ioi")
+def read_head_direct_logit_attribution(model, S):
+    """Each head's direct effect on logit(ANS) - logit(WRONG) at the last position, written out:
+    its slice of the attention output projection's input times that slice's rows of the
+    projection, through the final norm with its scale frozen at this run's value, onto the
+    unembedding's ANS - WRONG direction (what `nnpatch.head_logit_attribution` returns)."""
+    with model.trace(S.A):
+        heads = []
+        for i in range(S.n):
+            heads.append(S.o_proj(model, i).input[0, -1].clone())
+        heads = S.save(heads)
+        resid = S.norm(model).input[0, -1].save()
+    norm = S.norm(model)
+    if S.gpt2:  # LayerNorm: centred, divided by the standard deviation
+        centre, eps = True, norm.eps
+    else:  # RMSNorm: divided by the root mean square
+        centre, eps = False, norm.variance_epsilon
+    x = resid - resid.mean() if centre else resid
+    gain = norm.weight / (x.pow(2).mean() + eps).sqrt()
+    unembed = model.lm_head.weight
+    direction = unembed[S.ANS] - unembed[S.WRONG]
+    dla = torch.zeros(S.n, S.heads)
+    for i in range(S.n):
+        w_o = S.o_proj(model, i).weight
+        w_o = w_o if S.gpt2 else w_o.T  # GPT-2's Conv1D keeps [in, out]; Linear keeps [out, in]
+        for h in range(S.heads):
+            cut = slice(h * S.head_dim, (h + 1) * S.head_dim)
+            c = heads[i][cut] @ w_o[cut]
+            c = c - c.mean() if centre else c
+            dla[i, h] = (c * gain) @ direction
+    return {"dla": dla.detach()}
+
+
+@program("gpt2", "llama", "ioi")
 def read_logit_lens_last_layer_equals_logits(model, S):
     with model.trace(S.B):
         h = S.layers(model)[S.n - 1].output

@@ -1,7 +1,7 @@
 """The workbench's inspection functions tied to nnsight's numbers.
 
-`logit_lens`, `attention_pattern` and `noise_patching` run the model with their own hooks (the
-last through the batched sweep), not through a trace.
+`logit_lens`, `attention_pattern`, `head_logit_attribution` and `noise_patching` run the model
+with their own hooks (the last through the batched sweep), not through a trace.
 tests/test_inspect.py checks them against hand-written references; here they are compared with
 programs of the differential corpus (tests/nnsight_programs.py) run on nnpatch, on the same
 weights. tests/test_nnsight_differential.py checks that those programs give nnsight 0.8.1's
@@ -15,7 +15,7 @@ import torch
 
 import nnpatch
 from nnsight_programs import (NOISE_STD, NOISE_SUBJECT, attn_weights_read, edit_causal_trace_with_noise,
-                              read_logit_lens)
+                              read_head_direct_logit_attribution, read_logit_lens)
 from test_nnsight_differential import build
 
 TOL = 1e-5
@@ -32,6 +32,16 @@ def test_logit_lens_rows_equal_the_corpus_programs_lens(kind):
         assert torch.allclose(lens.top_probs[i + 1, -1], probs.max(), atol=TOL, rtol=TOL), (kind, i)
         assert torch.allclose(lens.answer_probs[i + 1, -1], probs[S.ANS], atol=TOL, rtol=TOL), (kind, i)
         assert lens.top_tokens[i + 1][-1] == S.tokenizer.decode([int(probs.argmax())]), (kind, i)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "ioi"])
+def test_head_logit_attribution_equals_the_corpus_programs_direct_effects(kind):
+    model, S, _ = build(kind, "nnpatch")
+    want = read_head_direct_logit_attribution(model, S)["dla"]  # [layers, heads], nnsight's reads
+    got = nnpatch.head_logit_attribution(model, S.A, S.ANS, S.WRONG)
+    assert got.shape == want.shape == (S.n, S.heads), kind
+    assert want.abs().max() > 1e-3, kind  # the heads do something on these weights
+    assert torch.allclose(got, want, atol=TOL, rtol=1e-4), (kind, (got - want).abs().max())
 
 
 @pytest.mark.parametrize("kind", ["gpt2e", "llamae"])
