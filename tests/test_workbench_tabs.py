@@ -209,6 +209,26 @@ def test_sites_tab_of_an_all_pairs_run_sweeps_every_pair(ioi):
     assert torch.allclose(panel.view["mlp_out"].values, api.values, atol=1e-5) and api.n_pairs == 3
 
 
+def test_one_prompt_tabs_of_an_all_pairs_run_say_which_pair_they_show(ioi):
+    pairs = nnpatch.tasks.ioi(3, template=0)
+    wb = fake_workbench(ioi, pairs)
+    panels = workbench_tabs.add_all(wb)
+    first = wb.controller.pairs[0]
+    run(wb, Settings(first["clean"], first["corrupt"], first["answer"], first["wrong"], site="head_out",
+                     by=("layer", "head"), all_pairs=True))
+    inspect(wb, (2, 1))
+    panels["Noise"].run()
+    said = "mean over 3 pairs; this tab shows one of them: the clean and corrupt prompts in the fields"
+    for title in ("Head", "Logit lens", "Noise"):
+        assert panels[title].last_error is None and said in panels[title].note.value, title
+    assert "this tab shows one" not in panels["Sites"].note.value
+    probs, _ = lens_by_hand(ioi, tokens(ioi, first["clean"]))  # what it shows is the first pair's
+    check_lens(panels["Logit lens"].view["clean"], probs, ioi.to_tokens(first["answer"])[0], ioi.tokenizer.decode)
+    run(wb, dataclasses.replace(wb.controller.settings, all_pairs=False))  # one pair: nothing to say
+    inspect(wb, (2, 1))
+    assert all("this tab shows one" not in panels[t].note.value for t in ("Head", "Logit lens", "Noise"))
+
+
 def test_tabs_not_on_screen_compute_when_selected(ioi):
     import ipywidgets
     wb = fake_workbench(ioi)

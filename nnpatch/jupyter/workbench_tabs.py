@@ -147,6 +147,7 @@ class _Panel(ipywidgets.VBox):
     in the note. `seconds` is how long the last update took (compute and draw)."""
 
     eager = False  # computes on every run even when not on screen
+    one_prompt = True  # shows one clean/corrupt pair, also after a run over all pairs (not Sites)
 
     def __init__(self, controller, children=()):
         self.controller = controller
@@ -186,6 +187,11 @@ class _Panel(ipywidgets.VBox):
         try:
             self._theme = None
             work()
+            settings = self.controller.settings
+            if self.one_prompt and getattr(settings, "all_pairs", False) and self.controller.pairs:
+                self.note.value += _escape_html(
+                    f" The heatmap is the mean over {len(self.controller.pairs)} pairs; this tab shows one "
+                    "of them: the clean and corrupt prompts in the fields.")
         except NNPatchError as e:
             self.note.value = _escape_html(str(e))
         except Exception as e:  # noqa: BLE001 - a widget callback has no caller to raise to
@@ -321,6 +327,8 @@ class NoisePanel(_Panel):
 
 
 class SitesPanel(_Panel):
+    one_prompt = False  # sweeps every pair of an all-pairs run
+
     def __init__(self, controller):
         self.figure = _figure()
         super().__init__(controller, [self.figure])
