@@ -137,7 +137,7 @@ class Envoy:
         inv = current_invoke()
         if inv is None or inv.tracer.model is not self._root:  # the common case checked inline
             inv = self._invoke()  # the full check, which explains what is wrong
-        event = (self._path, kind) if inv.steps is None else inv.steps.at(self._path, kind)  # inv.at
+        event = inv.at(self._path, kind)
         if self._of is None or self._of is inv:
             return inv.value(event)
         return inv.value_of(self._of, event)

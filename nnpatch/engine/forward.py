@@ -78,10 +78,7 @@ class ForwardPass:
         self.grad = tracer._program.uses_grad and torch.is_grad_enabled()
 
     def run(self) -> None:
-        if getattr(self.tracer, "scan", False):
-            with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
-                self._run()
-        else:
+        with scan_mode(self.tracer):  # fake tensors for model.scan (engine/scan.py)
             self._run()
         self._finish()
 
@@ -212,7 +209,8 @@ class ForwardPass:
         while queue or self.ready:
             queue.extend(self.ready)
             self.ready.clear()
-            queue.sort(key=lambda i: i.index)
+            if len(queue) > 1:
+                queue.sort(key=lambda i: i.index)
             inv = queue.pop(0)
             if not inv.done and inv.greenlet is not None and inv.pass_ is self:
                 inv.resume()
@@ -228,14 +226,7 @@ class ForwardPass:
                 view = self.view(inv, event)
                 _restore(view, content)
                 inv.snapshots.setdefault(event, map_tensors(lambda t: t.detach().clone(), content))
-            waiters = self.waiting.pop(event, None)
-            if waiters is not None and len(waiters) == 1 and not self.ready:  # the common case
-                inv = waiters[0]
-                if not inv.done and inv.greenlet is not None and inv.pass_ is self:
-                    inv.resume()
-                waiters = None
-            if waiters or self.ready:
-                self._drain(waiters)
+            self._drain(self.waiting.pop(event, None))
             if self.recorders:
                 for recorder in self.recorders.get(event[:2], ()):  # (path, kind), whatever the step
                     recorder(self, event)

@@ -68,9 +68,6 @@ def invoke_rows(tokenizer, value, attention_mask=None, *, pad_id: int = 0) -> Pr
     integer tensor, 1-D or 2-D), or a tokenizer output; `attention_mask` (zeros mark padding, on
     either side) may come with token ids. An id tensor stays a tensor (no round trip through lists).
     Errors name what is wrong (an empty prompt, float ids, a 3-D tensor, unknown words)."""
-    if attention_mask is None and type(value) is torch.Tensor and value.dtype == torch.long \
-            and value.numel() > 0 and value.dim() in (1, 2):
-        return Prompts(value if value.dim() == 2 else value.reshape(1, -1))  # the common case, checked cheaply
     if _is_mapping(value):
         if "input_ids" not in value:
             raise NNPatchTypeError(
@@ -94,7 +91,7 @@ def invoke_rows(tokenizer, value, attention_mask=None, *, pad_id: int = 0) -> Pr
         attention_mask = None
     if attention_mask is None and isinstance(value, torch.Tensor) and value.dtype == torch.long \
             and value.dim() in (1, 2) and value.numel() > 0:
-        return Prompts(value if value.dim() == 2 else value.reshape(1, -1))  # a tensor subclass, or ids from a mapping
+        return Prompts(value if value.dim() == 2 else value.reshape(1, -1))  # the common case, checked cheaply
     text = isinstance(value, str) or _is_text(value)
     if isinstance(value, torch.Tensor) or _is_array(value) or (attention_mask is not None and not text):
         ids = id_tensor(value)

@@ -396,9 +396,8 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 _grad_enabled = torch.is_grad_enabled
 
 
-def _set_torch_state(state: tuple | None, now: tuple) -> None:
-    if state is None or state == now:
-        return
+def _set_torch_state(state: tuple, now: tuple) -> None:
+    """Switch this thread from torch state `now` to `state` (`resume` calls it only when they differ)."""
     if state[0] != now[0]:
         torch.set_grad_enabled(state[0])
     off = (False, None)

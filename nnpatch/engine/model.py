@@ -146,9 +146,8 @@ class Model(Envoy):
     def _forward(self, batch: Batch):
         device = input_device(self._module)
         move = lambda t: t if t.device == device else t.to(device)  # noqa: E731
-        args = map_tensors(move, batch.args) if batch.args else ()
-        kwargs = {k: move(v) if isinstance(v, torch.Tensor) else map_tensors(move, v)
-                  for k, v in batch.kwargs.items()}  # flat: most values are tensors or flags
+        args = map_tensors(move, batch.args)
+        kwargs = {k: map_tensors(move, v) for k, v in batch.kwargs.items()}  # one level: values are tensors or flags
         try:
             return self._module(*args, **kwargs)
         except Exception:
@@ -207,7 +206,7 @@ class LanguageModel(Model):
     def _prepare(self, invokes):
         """One forward call for the invokes' prompts; each invoke's input is checked against the
         model's vocabulary and context before anything runs."""
-        pad_id = self._pad_id() if _may_pad(invokes) else 0
+        pad_id = self._pad_id()
         limits = self.__dict__.get("_limits")
         if limits is None:  # the config's sizes do not change: read them once
             limits = self.__dict__["_limits"] = (*model_limits(self._module), model_sizes(self._module))
@@ -248,21 +247,10 @@ class LanguageModel(Model):
 _PROMPT_KEYWORDS = ("input_ids", "attention_mask")
 
 
-def _may_pad(invokes) -> bool:
-    """Whether the invokes' prompts may need padding, so the pad id must be looked up (it takes
-    a few microseconds): all but one invoke of one id tensor, the common case of a trace."""
-    if len(invokes) != 1:
-        return True
-    args, kwargs = invokes[0]
-    value = args[0] if len(args) == 1 else kwargs.get("input_ids")
-    return not isinstance(value, torch.Tensor) or "attention_mask" in kwargs
-
-
 def _forward_options(invokes, module: torch.nn.Module) -> dict:
     """Keyword arguments other than the prompt (`output_attentions=True`) go to the model's
     forward; the invokes of one forward pass must agree on them."""
-    if (len(invokes) == 1 and not invokes[0][1]) or all(
-            key in _PROMPT_KEYWORDS for _, kwargs in invokes for key in kwargs):
+    if all(key in _PROMPT_KEYWORDS for _, kwargs in invokes for key in kwargs):
         return {}
     try:
         parameters = inspect.signature(module.forward).parameters.values()
