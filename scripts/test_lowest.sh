@@ -19,7 +19,11 @@ trap 'rm -rf "$(dirname "$venv")"' EXIT
 "$PY" -m venv "$venv"
 own=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
 # Read after the venv's own site-packages: what pip installs below shadows the current Python's copies.
-"$PY" -c "import site; print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in site.getsitepackages()))" \
+# `kernels` stays hidden (None in sys.modules: `import kernels` fails, find_spec finds nothing):
+# transformers 5.25 and newer require it, a fresh install of the lowest transformers has none,
+# and with it older transformers add modules that a plain install lacks (Llama's shared
+# `rotary_fn`), or with kernels 0.15 and newer fail to import at all.
+"$PY" -c "import site; print('import site, sys; ' + '; '.join(f'site.addsitedir({d!r})' for d in site.getsitepackages()) + '; sys.modules[\"kernels\"] = None')" \
   > "$own/zz_layered.pth"
 echo "lowest declared versions: $pins"
 # shellcheck disable=SC2086
