@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import NNPatchAttributeError
+from ..errors import NNPatchAttributeError, NNPatchValueError
 
 # kind: "input" registers a forward pre-hook fn(module, args, kwargs) -> None | (args, kwargs);
 #       "output" registers a forward hook fn(module, args, kwargs, output) -> None | output.
@@ -28,16 +28,51 @@ def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
     """The submodule at a `named_modules()` path, or an error that lists the closest paths."""
     if path == "":
         return root
-    module = root
-    for part in path.split("."):
-        children = dict(module.named_children())
-        if part not in children:
-            names = [n for n, _ in root.named_modules() if n]
-            close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise NNPatchAttributeError(f"the model has no module {path!r}{hint}")
-        module = children[part]
+    module = _follow(root, path)
+    if module is None:
+        names = [n for n, _ in root.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise NNPatchAttributeError(f"the model has no module {path!r}{hint}")
+    _check_not_shared(root, path, module)
     return module
+
+
+def _follow(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """The module at `path`, or None. By `_modules`, not `named_children()`: that lists a
+    module held twice only at its first name."""
+    module = root
+    for part in path.split(".") if path else ():
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
+
+
+# root module -> {id(module): the first named_modules() path of it}; ids, not modules, so that
+# an entry does not keep its model alive
+_FIRST_PATHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_shared(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Refuse a later path of a module object that the model holds at several paths (one
+    activation module placed in every block; transformers 5.5 with `kernels` installed gives
+    every Llama attention the same `rotary_fn`). Its hooks fire at each of its calls and nothing
+    tells which place a call comes from, so a hook at the second path would silently get the
+    call from the first."""
+    first = _FIRST_PATHS.get(root)
+    where = None if first is None else first.get(id(module))
+    if where is None or (where != path and _follow(root, where) is not module):  # new, or the model changed
+        first = _FIRST_PATHS[root] = {id(m): p for p, m in root.named_modules()}
+        where = first.get(id(module), path)
+    if where != path:
+        caller = path.rpartition(".")[0] or "the model"
+        raise NNPatchValueError(
+            f"{path} is the same {type(module).__name__} object as {where}: the model holds one module "
+            f"at both paths, so its hooks fire at every call and cannot tell which place a call comes "
+            f"from (a hook here would get the call at {where}, or whichever came first). Read or edit "
+            f"the module that calls it here ({caller}), or give each place its own copy "
+            f"(copy.deepcopy) before wrapping the model; {where}.output is its first call")
 
 
 @contextlib.contextmanager
