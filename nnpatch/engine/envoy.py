@@ -21,6 +21,20 @@ from .skip import request_skip
 
 _OWN = ("output", "input", "inputs")
 
+# Submodules set anywhere in this process (`block.mlp = MyMLP()`, `layers[3] = ...`, and every
+# module built): `Envoy._resolve` forgets the modules it found by path when this count moved, so
+# that a trace hooks the module that is there now. PyTorch calls the hook from
+# `Module.__setattr__` and `add_module`.
+_registrations = [0]
+_CHANGES = object()  # the key under which a path cache keeps the count it was built at
+
+
+def _count_registration(module, name, submodule):
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
 
 class Envoy:
     def __init__(self, module: torch.nn.Module, path: str, root, of=None):
@@ -34,13 +48,12 @@ class Envoy:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        children = object.__getattribute__(self, "_children")
-        if name in children:
-            return children[name]
         module = object.__getattribute__(self, "_module")
         sub = module._modules.get(name) if hasattr(module, "_modules") else None
         if sub is not None:
-            return self._child(name, sub)
+            child = object.__getattribute__(self, "_children").get(name)
+            # the module there now: one replaced since its envoy was made gets a new envoy
+            return child if child is not None and child._module is sub else self._child(name, sub)
         table = self._root.__dict__.get("_rename") or {}
         alias = aliases.lookup(table, module, self._path, name)
         if alias is not None:  # rename={...}: the aliased module's own envoy
@@ -75,12 +88,11 @@ class Envoy:
             if not 0 <= index < n:
                 raise NNPatchIndexError(f"{self._path or 'model'} has {n} modules; index {key} is out of range")
             key = str(index)
-        if key in self._children:
-            return self._children[key]
         sub = module._modules.get(str(key))
         if sub is None:
             raise NNPatchKeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
-        return self._child(str(key), sub)
+        child = self._children.get(str(key))
+        return child if child is not None and child._module is sub else self._child(str(key), sub)
 
     def __call__(self, *args, **kwargs):
         """Run this module on the given inputs, e.g. the logit lens inside a trace:
@@ -109,14 +121,16 @@ class Envoy:
 
     def __iter__(self):
         children, found = self._children, []
-        for name in self._module._modules:  # a list, not a generator: one call, not one per child
+        for name, sub in self._module._modules.items():  # a list, not a generator: one call, not one per child
             child = children.get(name)
-            found.append(self[name] if child is None else child)
+            found.append(child if child is not None and child._module is sub else self[name])
         return iter(found)
 
     def _resolve(self, path: str) -> torch.nn.Module:
         """The module at a path below this one (cached: hooks are registered by path often)."""
-        cache = self.__dict__.setdefault("_by_path", {})
+        cache = self.__dict__.get("_by_path")
+        if cache is None or cache.get(_CHANGES) != _registrations[0]:  # a submodule was set since
+            cache = self.__dict__["_by_path"] = {_CHANGES: _registrations[0]}
         module = cache.get(path)
         if module is None:
             module = cache[path] = resolve(self._module, path)

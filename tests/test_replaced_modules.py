@@ -1,0 +1,91 @@
+"""A submodule replaced after the model was wrapped (an MLP swapped for a transcoder or an
+SAE-wrapped copy, a block swapped in a ModuleList): traces read, edit and call the module that is
+there now.
+
+Before: a wrapper kept the modules it had found by path and the envoys it had made. A read of the
+replaced module's output waited on the old, detached module and failed with "was never computed",
+and calling it aside from the trace (the logit lens' `model.transformer.ln_f(h)`) silently ran the
+old module. Each test compares with plain forward hooks on the model as it is now.
+"""
+import torch
+
+import nnpatch
+from conftest import all_hooks, gpt2, hooked_forward, ids, prompt, word_tokenizer
+
+A = prompt(3, 5, 7, 9, 11)
+
+
+class Scaled(torch.nn.Module):
+    """The replaced MLP times a constant: a different module with a different output."""
+
+    def __init__(self, inner, k):
+        super().__init__()
+        self.inner, self.k = inner, k
+
+    def forward(self, x):
+        return self.inner(x) * self.k
+
+
+def traced_once(hf):
+    """A wrapper that has already traced the model, so that its caches hold the old modules."""
+    model = nnpatch.LanguageModel(hf, tokenizer=word_tokenizer())
+    with model.trace(A):
+        before = model.transformer.h[1].mlp.output
+        logits = model.lm_head.output
+    assert before is not None and logits is not None
+    return model
+
+
+def test_a_replaced_mlp_is_read_and_edited_where_it_is_now():
+    hf = gpt2()
+    model = traced_once(hf)
+    old = hf.transformer.h[1].mlp
+    hf.transformer.h[1].mlp = Scaled(old, 3.0)
+    seen = []
+    reference = hooked_forward(hf, A, [(hf.transformer.h[1].mlp, lambda m, a, o: seen.append(o))])
+    with model.trace(A):
+        inner = model.transformer.h[1].mlp.inner.output
+        out = model.transformer.h[1].mlp.output
+        logits = model.lm_head.output
+    assert torch.allclose(out, seen[0], atol=1e-6) and torch.allclose(inner * 3.0, out, atol=1e-6)
+    assert torch.allclose(logits, reference, atol=1e-5)
+
+    zeroed = hooked_forward(hf, A, [(hf.transformer.h[1].mlp, lambda m, a, o: torch.zeros_like(o))])
+    with model.trace(A):
+        model.transformer.h[1].mlp.output = torch.zeros_like(model.transformer.h[1].mlp.output)
+        edited = model.lm_head.output
+    assert torch.allclose(edited, zeroed, atol=1e-5) and not torch.allclose(zeroed, reference, atol=1e-3)
+    assert all_hooks(hf) == 0 and all_hooks(old) == 0
+
+
+def test_a_block_replaced_in_the_module_list():
+    hf = gpt2()
+    model = traced_once(hf)
+    block = gpt2(seed=7).transformer.h[1]  # other weights
+    hf.transformer.h[1] = block
+    seen = []
+    hooked_forward(hf, A, [(block, lambda m, a, o: seen.append(o))])
+    with model.trace(A):
+        out = model.transformer.h[1].output
+    with model.trace(A):
+        listed = [b.output for b in model.transformer.h][1]
+    assert torch.allclose(out, seen[0], atol=1e-6) and torch.allclose(listed, seen[0], atol=1e-6)
+    assert model.transformer.h[1].attn.c_attn.weight is block.attn.c_attn.weight
+
+
+def test_calling_a_replaced_module_aside_runs_the_new_one():
+    hf = gpt2()
+    model = traced_once(hf)
+    with model.trace(A):
+        model.transformer.ln_f(model.transformer.h[2].output)  # makes the ln_f envoy
+    new = torch.nn.LayerNorm(32)
+    torch.nn.init.normal_(new.weight)  # the old one is LayerNorm's default: weight 1, bias 0
+    hf.transformer.ln_f = new
+    with torch.no_grad():
+        h = hf.transformer.h[2](hf.transformer.h[1](hf.transformer.h[0](
+            hf.transformer.wte(ids(A)) + hf.transformer.wpe(torch.arange(5)))))
+        expected = hf.transformer.ln_f(h)
+    with torch.no_grad(), model.trace(A):
+        lens = model.transformer.ln_f(model.transformer.h[2].output)
+    assert torch.allclose(lens, expected, atol=1e-5)
+    assert not torch.allclose(expected, torch.nn.functional.layer_norm(h, (32,)), atol=1e-3)
