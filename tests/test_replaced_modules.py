@@ -5,8 +5,11 @@ there now.
 Before: a wrapper kept the modules it had found by path and the envoys it had made. A read of the
 replaced module's output waited on the old, detached module and failed with "was never computed",
 and calling it aside from the trace (the logit lens' `model.transformer.ln_f(h)`) silently ran the
-old module. Each test compares with plain forward hooks on the model as it is now.
+old module. Each test compares with plain forward hooks on the model as it is now. An envoy kept
+from before its module was removed says what failed (it said "has no module or attribute
+'output'": Python answers an AttributeError raised inside a property with __getattr__).
 """
+import pytest
 import torch
 
 import nnpatch
@@ -89,3 +92,15 @@ def test_calling_a_replaced_module_aside_runs_the_new_one():
         lens = model.transformer.ln_f(model.transformer.h[2].output)
     assert torch.allclose(lens, expected, atol=1e-5)
     assert not torch.allclose(expected, torch.nn.functional.layer_norm(h, (32,)), atol=1e-3)
+
+
+def test_an_envoy_kept_from_before_its_module_was_removed_says_so():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model = nnpatch.Model(net)
+    last = model[2]
+    del net[2]
+    with pytest.raises(nnpatch.NNPatchError, match=r"reading 2.output failed: NNPatchAttributeError: the model has no module '2'"):
+        with model.trace(torch.ones(1, 3)):
+            out = last.output  # noqa: F841
+    assert all_hooks(net) == 0

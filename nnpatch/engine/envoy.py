@@ -152,9 +152,15 @@ class Envoy:
         if inv is None or inv.tracer.model is not self._root:  # the common case checked inline
             inv = self._invoke()  # the full check, which explains what is wrong
         event = inv.at(self._path, kind)
-        if self._of is None or self._of is inv:
-            return inv.value(event)
-        return inv.value_of(self._of, event)
+        try:
+            if self._of is None or self._of is inv:
+                return inv.value(event)
+            return inv.value_of(self._of, event)
+        except AttributeError as e:
+            # Python answers an AttributeError from a property by calling __getattr__, which would
+            # say the module has no attribute 'output': say what failed instead
+            name = "output" if kind == "output" else "inputs"
+            raise NNPatchError(f"reading {self._path or 'model'}.{name} failed: {type(e).__name__}: {e}") from e
 
     @property
     def input(self):
