@@ -104,3 +104,31 @@ def test_an_envoy_kept_from_before_its_module_was_removed_says_so():
         with model.trace(torch.ones(1, 3)):
             out = last.output  # noqa: F841
     assert all_hooks(net) == 0
+
+
+def test_a_block_inserted_or_deleted_renumbers_the_paths():
+    # ModuleList.insert and del write the list's _modules directly (no module registration):
+    # "transformer.h.0" is the new block afterwards, and the old block 0 is "transformer.h.1"
+    extra = gpt2(seed=7).transformer.h[0]  # built first: building registers modules
+    hf = gpt2()
+    model = traced_once(hf)
+    with model.trace(A):
+        first = model.transformer.h[0].output
+    old0 = hf.transformer.h[0]
+    hf.transformer.h.insert(0, extra)
+    seen = {}
+    handles = [extra.register_forward_hook(lambda m, a, o: seen.setdefault(0, o)),
+               old0.register_forward_hook(lambda m, a, o: seen.setdefault(1, o))]
+    with torch.no_grad():
+        hf(ids(A), use_cache=False)  # two blocks with layer_idx 0 would share a KV cache layer
+    for h in handles:
+        h.remove()
+    with model.trace(A):
+        h0 = model.transformer.h[0].output
+        h1 = model.transformer.h[1].output
+    assert torch.allclose(h0, seen[0], atol=1e-6) and torch.allclose(h1, seen[1], atol=1e-6)
+    assert not torch.allclose(h0, first, atol=1e-3)
+    del hf.transformer.h[0]
+    with model.trace(A):
+        again = model.transformer.h[0].output
+    assert torch.allclose(again, first, atol=1e-6)

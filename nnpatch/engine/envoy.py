@@ -21,20 +21,6 @@ from .skip import request_skip
 
 _OWN = ("output", "input", "inputs")
 
-# Submodules set anywhere in this process (`block.mlp = MyMLP()`, `layers[3] = ...`, and every
-# module built): `Envoy._resolve` forgets the modules it found by path when this count moved, so
-# that a trace hooks the module that is there now. PyTorch calls the hook from
-# `Module.__setattr__` and `add_module`.
-_registrations = [0]
-_CHANGES = object()  # the key under which a path cache keeps the count it was built at
-
-
-def _count_registration(module, name, submodule):
-    _registrations[0] += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
 
 class Envoy:
     def __init__(self, module: torch.nn.Module, path: str, root, of=None):
@@ -127,14 +113,10 @@ class Envoy:
         return iter(found)
 
     def _resolve(self, path: str) -> torch.nn.Module:
-        """The module at a path below this one (cached: hooks are registered by path often)."""
-        cache = self.__dict__.get("_by_path")
-        if cache is None or cache.get(_CHANGES) != _registrations[0]:  # a submodule was set since
-            cache = self.__dict__["_by_path"] = {_CHANGES: _registrations[0]}
-        module = cache.get(path)
-        if module is None:
-            module = cache[path] = resolve(self._module, path)
-        return module
+        """The module at a path below this one, as the model is now: not cached, because a
+        module set, inserted or deleted since (`ModuleList.insert` and `del` renumber the list
+        without telling anyone) changes what a path means. About 1 us per hook."""
+        return resolve(self._module, path)
 
     # -- live values -----------------------------------------------------------------------------
     @property
