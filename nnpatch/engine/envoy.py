@@ -37,9 +37,7 @@ class Envoy:
         module = object.__getattribute__(self, "_module")
         sub = module._modules.get(name) if hasattr(module, "_modules") else None
         if sub is not None:
-            child = object.__getattribute__(self, "_children").get(name)
-            # the module there now: one replaced since its envoy was made gets a new envoy
-            return child if child is not None and child._module is sub else self._child(name, sub)
+            return self._child(name, sub)
         table = self._root.__dict__.get("_rename") or {}
         alias = aliases.lookup(table, module, self._path, name)
         if alias is not None:  # rename={...}: the aliased module's own envoy
@@ -59,9 +57,12 @@ class Envoy:
         raise NNPatchAttributeError(f"{where} ({type(module).__name__}) has no module or attribute {name!r}{hint}")
 
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
-        path = f"{self._path}.{name}" if self._path else name
-        envoy = Envoy(module, path, self._root, self._of)
-        self._children[name] = envoy
+        """The envoy of `module`, this module's child `name`: the one made before, unless the
+        model holds another module there now (replaced since)."""
+        envoy = self._children.get(name)
+        if envoy is None or envoy._module is not module:
+            path = f"{self._path}.{name}" if self._path else name
+            envoy = self._children[name] = Envoy(module, path, self._root, self._of)
         return envoy
 
     def __getitem__(self, key):
@@ -77,8 +78,7 @@ class Envoy:
         sub = module._modules.get(str(key))
         if sub is None:
             raise NNPatchKeyError(f"{self._path or 'model'} has no module {key!r}; it has {list(module._modules)}")
-        child = self._children.get(str(key))
-        return child if child is not None and child._module is sub else self._child(str(key), sub)
+        return self._child(str(key), sub)
 
     def __call__(self, *args, **kwargs):
         """Run this module on the given inputs, e.g. the logit lens inside a trace:
@@ -106,11 +106,8 @@ class Envoy:
         return len(self._module)
 
     def __iter__(self):
-        children, found = self._children, []
-        for name, sub in self._module._modules.items():  # a list, not a generator: one call, not one per child
-            child = children.get(name)
-            found.append(child if child is not None and child._module is sub else self[name])
-        return iter(found)
+        children = self._module._modules.items()  # a list, not a generator: one call, not one per child
+        return iter([self[name] if sub is None else self._child(name, sub) for name, sub in children])
 
     def _resolve(self, path: str) -> torch.nn.Module:
         """The module at a path below this one, as the model is now: not cached, because a
