@@ -13,7 +13,7 @@ import torch
 
 from ..errors import NNPatchAttributeError, NNPatchError, NNPatchIndexError, NNPatchKeyError
 from . import aliases
-from .hooks import resolve
+from .hooks import module_at, resolve
 from .inputs import input_slot, read_input, with_input
 from .invoke import current_invoke
 from .module_source import Source
@@ -110,10 +110,15 @@ class Envoy:
         return iter([self[name] if sub is None else self._child(name, sub) for name, sub in children])
 
     def _resolve(self, path: str) -> torch.nn.Module:
-        """The module at a path below this one, as the model is now: not cached, because a
-        module set, inserted or deleted since (`ModuleList.insert` and `del` renumber the list
-        without telling anyone) changes what a path means. About 1 us per hook."""
-        return resolve(self._module, path)
+        """The module at a path below this one, as the model is now. A module set, inserted or
+        deleted since (`ModuleList.insert` and `del` renumber the list without telling anyone)
+        changes what a path means, so a remembered module is used only while the path still
+        leads to it; the full `resolve` (with its checks) runs when it does not."""
+        cache = self.__dict__.setdefault("_by_path", {})
+        module = cache.get(path)
+        if module is None or module_at(self._module, path) is not module:
+            module = cache[path] = resolve(self._module, path)
+        return module
 
     # -- live values -----------------------------------------------------------------------------
     @property

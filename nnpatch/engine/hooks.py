@@ -28,7 +28,7 @@ def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
     """The submodule at a `named_modules()` path, or an error that lists the closest paths."""
     if path == "":
         return root
-    module = _follow(root, path)
+    module = module_at(root, path)
     if module is None:
         names = [n for n, _ in root.named_modules() if n]
         close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
@@ -38,7 +38,7 @@ def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
-def _follow(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """The module at `path`, or None. By `_modules`, not `named_children()`: that lists a
     module held twice only at its first name."""
     module = root
@@ -62,7 +62,7 @@ def _check_not_shared(root: torch.nn.Module, path: str, module: torch.nn.Module)
     call from the first."""
     first = _FIRST_PATHS.get(root)
     where = None if first is None else first.get(id(module))
-    if where is None or (where != path and _follow(root, where) is not module):  # new, or the model changed
+    if where is None or (where != path and module_at(root, where) is not module):  # new, or the model changed
         first = _FIRST_PATHS[root] = {id(m): p for p, m in root.named_modules()}
         where = first.get(id(module), path)
     if where != path:
